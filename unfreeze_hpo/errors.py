@@ -1,0 +1,54 @@
+"""The package's exception root and the record of one bad input (field, value, fix)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad input: where it is, what it was, what is wrong and how to fix it."""
+
+    field: str
+    value: Any
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message} (got {self.value!r}); fix: {self.fix}"
+
+
+class UnfreezeHPOError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class UserError(UnfreezeHPOError):
+    """Bad user input: a YAML field, a range, a model name, a path or a checkpoint.
+
+    Carries every problem found, so one run reports all of them. The CLI prints them and exits 2.
+    """
+
+    def __init__(self, problems: Problem | Iterable[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = (
+            (problems,) if isinstance(problems, Problem) else tuple(problems)
+        )
+        assert self.problems, "a UserError needs at least one problem"
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class ConfigError(UserError):
+    """A configuration value (strategy parameter, option, range) is invalid."""
+
+
+class ModelError(UserError):
+    """A model cannot be built or loaded as asked (unknown name, bad checkpoint)."""
+
+
+class BlockError(UserError):
+    """Backbone blocks cannot be discovered, or the discovered blocks are not a partition."""
+
+
+class AuditError(UnfreezeHPOError):
+    """The model's actual freeze state differs from the plan that was applied."""
