@@ -1,0 +1,336 @@
+"""The ``unfreeze-hpo`` command: a thin command table over the library.
+
+User errors print one line per problem (field, value, fix) and exit 2 without a traceback;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, UserError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # pytorchvideo calls torch.jit.script at import; the warning is noise for a CLI user.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.run(args)
+        return code
+    except UserError as exc:
+        if args.debug:
+            raise
+        print("error: invalid input", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UnfreezeHPOError as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"error: {type(exc).__name__}: {exc or '(no message)'}", file=sys.stderr)
+        print("  run again with --debug for the traceback", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unfreeze-hpo",
+        description="Hyperparameter search for gradual backbone unfreezing.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (func, add_args, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        add_args(p)
+        p.set_defaults(run=func)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+def _blocks_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="timm:<name> or pytorchvideo:<name>, e.g. timm:resnet18")
+    p.add_argument("--pretrained", action="store_true", help="load the hub's pretrained weights")
+    p.add_argument("--checkpoint", help="local weights (a torch state dict, weights only)")
+    p.add_argument("--num-classes", type=int, help="size of the classifier")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keyword argument for the model builder (repeatable)",
+    )
+    p.add_argument(
+        "--granularity",
+        choices=("fine", "coarse"),
+        default="fine",
+        help="fine: one block per residual/transformer block; coarse: per stage",
+    )
+    p.add_argument(
+        "--matcher",
+        metavar="YAML",
+        help=r"regex blocks for any model, e.g. \"{stem: '^conv1', "
+        r"blocks: '^layers\.(\d+)'}\"",
+    )
+    p.add_argument("--strategy", help="also preview what this strategy unfreezes per epoch")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy parameter (repeatable), e.g. --set target_ratio=0.5",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="epochs to preview (default 10)")
+    p.add_argument("--backbone-lr-mult", type=float, default=1.0)
+    p.add_argument("--layer-decay", type=float, default=1.0)
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from unfreeze_hpo import strategies
+    from unfreeze_hpo.blocks import discover
+    from unfreeze_hpo.models import ModelSpec, build, parse_name
+
+    def matcher_of(text: str | None) -> Any:
+        matcher = _yaml_arg(text, "--matcher") if text else None
+        if matcher is not None and not isinstance(matcher, dict):
+            raise ConfigError(
+                Problem(
+                    "--matcher",
+                    text,
+                    "must be a mapping of group name to regex",
+                    r"e.g. \"{stem: '^conv1', blocks: '^layers\.(\d+)'}\"",
+                )
+            )
+        return matcher
+
+    def epochs_of(epochs: int) -> int:
+        if epochs < 1:
+            raise ConfigError(Problem("--epochs", epochs, "must be >= 1", "e.g. --epochs 10"))
+        return epochs
+
+    strategy, _, matcher, model_kwargs, _ = _all_or_errors(
+        lambda: (
+            strategies.create(args.strategy, _pairs(args.set, "--set")) if args.strategy else None
+        ),
+        lambda: epochs_of(args.epochs),
+        lambda: matcher_of(args.matcher),
+        lambda: _pairs(args.model_arg, "--model-arg"),
+        lambda: parse_name(args.model),
+    )
+    spec = ModelSpec(
+        args.model,
+        pretrained=args.pretrained,
+        checkpoint=args.checkpoint,
+        num_classes=args.num_classes,
+        kwargs=model_kwargs,
+    )
+    print(f"building {spec.name} ...", file=sys.stderr, flush=True)
+    model = build(spec)
+    blocks = discover(model, args.granularity, matcher)
+    total = sum(p.numel() for p in model.parameters())
+    print(
+        f"{spec.name}: {total:,} parameters | backbone {blocks.backbone_numel:,} in "
+        f"{len(blocks)} blocks | head {blocks.head.numel:,} ({len(blocks.head.params)} tensors)"
+        f" | adapter {blocks.adapter}, granularity {args.granularity}"
+    )
+    from_output = _cumulative_from_output(blocks.sizes)
+    table = pd.DataFrame(
+        {
+            "index": [b.index for b in blocks.blocks],
+            "block": [b.name for b in blocks.blocks],
+            "params": [f"{b.numel:,}" for b in blocks.blocks],
+            "share": [_pct(b.numel, blocks.backbone_numel) for b in blocks.blocks],
+            "unfrozen down to here": [_pct(c, blocks.backbone_numel) for c in from_output],
+        }
+    )
+    print(table.to_string(index=False))
+    print(
+        "(unfreezing goes from the last block backwards; the last column is the trainable "
+        "share of the backbone once every block from the output down to that one is trainable)"
+    )
+    if strategy is not None:
+        print()
+        _print_preview(strategy, blocks.sizes, [b.name for b in blocks.blocks], args)
+    return 0
+
+
+def _print_preview(
+    strategy: Any, sizes: tuple[int, ...], names: list[str], args: argparse.Namespace
+) -> None:
+    import pandas as pd
+
+    flat = [0.0] * args.epochs  # adaptive: a metric that never improves (the fastest schedule)
+    rows, previous = [], 0
+    total = sum(sizes)
+    for epoch in range(args.epochs):
+        plan = strategy.plan(
+            epoch, flat, sizes, backbone_lr_mult=args.backbone_lr_mult, layer_decay=args.layer_decay
+        )
+        new = names[len(names) - plan.n_trainable : len(names) - previous]
+        rows.append(
+            {
+                "epoch": epoch,
+                "trainable blocks": plan.n_trainable,
+                "backbone trainable": _pct(sum(sizes[len(sizes) - plan.n_trainable :]), total),
+                "unfrozen this epoch": ", ".join(reversed(new)) if new else "-",
+            }
+        )
+        previous = plan.n_trainable
+    print(f"schedule preview: {strategy} over {args.epochs} epochs")
+    if strategy.name == "adaptive":
+        print(
+            "(adaptive depends on the validation metric; shown for a metric that never "
+            "improves, i.e. the fastest it can unfreeze)"
+        )
+    print(pd.DataFrame(rows).to_string(index=False))
+    target = strategy.target(sizes)
+    reached = next((r["epoch"] for r in rows if r["trainable blocks"] == target), None)
+    print(
+        f"target: {target} of {len(sizes)} blocks "
+        f"({_pct(sum(sizes[len(sizes) - target :]), total)} of the backbone)"
+        + (f", reached at epoch {reached}" if reached is not None else ", not reached")
+    )
+    for note in strategy.notes(args.epochs, sizes):
+        print(f"note: {note}")
+
+
+def _cumulative_from_output(sizes: Sequence[int]) -> list[int]:
+    out, running = [], 0
+    for size in reversed(sizes):
+        running += size
+        out.append(running)
+    return out[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies, models
+
+
+def _no_args(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.strategies import REGISTRY, bounds_text
+
+    for name, cls in REGISTRY.items():
+        print(f"{name}: {cls.summary}")
+        defaults = cls().params()
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            default = defaults[f.name]
+            bounds = bounds_text(f.metadata)
+            print(
+                f"    {f.name} = {default!r}{f'  ({bounds})' if bounds else ''}: "
+                f"{f.metadata['help']}"
+            )
+    return 0
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("family", choices=("timm", "pytorchvideo"))
+    p.add_argument("--filter", default="", help="only names containing this text")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.models import available
+
+    for name in available(args.family):
+        if args.filter in name:
+            print(f"{args.family}:{name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _all_or_errors(*steps: Callable[[], Any]) -> list[Any]:
+    """Run every step; raise one ConfigError with the problems of all the steps that failed."""
+    results: list[Any] = []
+    problems: list[Problem] = []
+    for step in steps:
+        try:
+            results.append(step())
+        except UserError as exc:
+            problems += exc.problems
+            results.append(None)
+    if problems:
+        raise ConfigError(problems)
+    return results
+
+
+def _yaml_arg(text: str, option: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            Problem(
+                option,
+                text,
+                f"not valid YAML ({exc})",
+                "quote the value for the shell and check its brackets",
+            )
+        ) from exc
+
+
+def _pairs(items: Sequence[str], option: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(Problem(option, item, "expected KEY=VALUE", f"e.g. {option} a=1"))
+        elif key in out:
+            problems.append(Problem(option, item, f"{key} given twice", "give it once"))
+        else:
+            out[key] = _yaml_arg(value, option)
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+COMMANDS: dict[
+    str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]
+] = {
+    "blocks": (
+        cmd_blocks,
+        _blocks_args,
+        "show a model's backbone blocks and preview a strategy's unfreeze schedule",
+    ),
+    "strategies": (cmd_strategies, _no_args, "list the freezing strategies and their parameters"),
+    "models": (cmd_models, _models_args, "list the model names a family can build"),
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
