@@ -289,11 +289,12 @@ def _yaml_arg(text: str, option: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        reason = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(
             Problem(
                 option,
                 text,
-                f"not valid YAML ({exc})",
+                f"not valid YAML ({reason})",
                 "quote the value for the shell and check its brackets",
             )
         ) from exc
