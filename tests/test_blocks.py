@@ -181,5 +181,5 @@ def test_validate_refuses_empty_blocks() -> None:
 
 
 def test_unknown_granularity() -> None:
-    with pytest.raises(BlockError, match="blocks.granularity"):
+    with pytest.raises(BlockError, match=r"blocks\.granularity"):
         discover(Custom(), "medium", MATCHER)  # type: ignore[arg-type]

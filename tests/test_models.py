@@ -28,7 +28,7 @@ def test_unknown_model_names_suggest_close_matches(name: str, suggestion: str) -
 
 @pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18", "timm:"])
 def test_names_without_a_known_family_are_refused(name: str) -> None:
-    with pytest.raises(ModelError, match="model.name"):
+    with pytest.raises(ModelError, match=r"model\.name"):
         build(ModelSpec(name))
 
 
@@ -52,7 +52,7 @@ def test_bad_model_kwargs_name_the_field() -> None:
 
 @pytest.mark.parametrize("num_classes", [0, True, "3"])
 def test_bad_num_classes_is_refused(num_classes: object) -> None:
-    with pytest.raises(ModelError, match="model.num_classes"):
+    with pytest.raises(ModelError, match=r"model\.num_classes"):
         build(ModelSpec("timm:resnet18", num_classes=num_classes))  # type: ignore[arg-type]
 
 
@@ -84,7 +84,7 @@ def test_small_pytorchvideo_models_train_on_cpu(name: str, shape: tuple[int, ...
 
 
 def test_small_models_have_no_hub_weights() -> None:
-    with pytest.raises(ModelError, match="model.pretrained"):
+    with pytest.raises(ModelError, match=r"model\.pretrained"):
         build(ModelSpec("pytorchvideo:mvit_tiny", pretrained=True))
 
 
@@ -182,7 +182,7 @@ def test_checkpoint_needing_pickle_is_refused(
     path = tmp_path / "evil.pt"
     with path.open("wb") as f:
         torch.save({"weights": torch.zeros(1), "extra": Payload()}, f, pickle_module=pickle)
-    with pytest.raises(ModelError, match="model.checkpoint"):
+    with pytest.raises(ModelError, match=r"model\.checkpoint"):
         build(ModelSpec("timm:resnet18", checkpoint=str(path)))
     assert "code ran" not in capsys.readouterr().out
 
