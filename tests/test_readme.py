@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from unfreeze_hpo.cli import main
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def fenced(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.S)
+
+
+def test_library_example_runs_and_prints_what_the_readme_shows(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (example,) = fenced("python")
+    exec(compile(example, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    shown = [line for line in README.splitlines() if line.startswith("[params] epoch")]
+    assert shown and shown[0] in printed
+
+
+@pytest.mark.slow
+def test_quickstart_console_output_matches(capsys: pytest.CaptureFixture[str]) -> None:
+    (session,) = fenced("console")
+    command, *expected = session.strip().splitlines()
+    argv = shlex.split(command.removeprefix("$ "))
+    assert argv[0] == "unfreeze-hpo"
+    assert main(argv[1:]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for line in expected:
+        if line.strip() != "...":
+            assert line in out
