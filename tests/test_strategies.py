@@ -623,12 +623,6 @@ def test_fixed_rejects_malformed_phases(phases: Any) -> None:
         create("fixed", {"phases": phases})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="Fixed.check() iterates phases without checking it is a sequence: a scalar "
-    "(YAML `phases: 5`) crashes with TypeError instead of a ConfigError",
-)
 @pytest.mark.parametrize("phases", [5, 2.5, True])
 def test_fixed_rejects_scalar_phases(phases: Any) -> None:
     with pytest.raises(ConfigError, match=r"strategy\.phases"):
@@ -688,3 +682,10 @@ def test_registering_a_taken_name_is_refused() -> None:
         register("full", "impostor")(Impostor)
     assert before == REGISTRY
     assert REGISTRY["full"].summary == summary
+
+
+def test_yaml_exponent_strings_for_integer_fields() -> None:
+    strategy = create("early_gradual", {"freeze_epochs": "1e1"})
+    assert strategy.freeze_epochs == 10 and isinstance(strategy.freeze_epochs, int)
+    with pytest.raises(ConfigError, match=r"strategy\.freeze_epochs"):
+        create("early_gradual", {"freeze_epochs": "2.5"})

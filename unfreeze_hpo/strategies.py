@@ -149,9 +149,11 @@ def coerce(name: str, value: Any, annotation: Any) -> tuple[Any, Problem | None]
             return int(value), None
         if isinstance(value, str):
             try:
-                return int(value.strip()), None
+                number = float(value.strip())  # "2" and YAML-1.1 strings such as "1e3"
             except ValueError:
-                pass
+                number = math.nan
+            if number.is_integer():
+                return int(number), None
         if isinstance(value, int):
             return value, None
         return value, Problem(where, value, "must be an integer", "write a whole number, e.g. 2")
@@ -342,7 +344,7 @@ class EarlyGradual(Strategy):
 class Adaptive(Strategy):
     patience: int = param(2, ge=1, help="epochs without improvement before unfreezing more")
     min_improvement: float = param(
-        0.005, ge=0, help="absolute change of the metric that counts as an improvement"
+        0.005, ge=0, help="an epoch improves only if it beats the best metric by more than this"
     )
     blocks_per_step: int = param(1, ge=1, help="blocks unfrozen at each plateau")
     target_ratio: float = param(
@@ -423,6 +425,14 @@ class Fixed(Strategy):
 
     def check(self) -> Iterator[Problem]:
         phases = self.phases
+        if not isinstance(phases, tuple):
+            yield Problem(
+                "strategy.phases",
+                phases,
+                "must be a list of [epoch, n_blocks] pairs",
+                "e.g. [[0, 0], [3, 2]]",
+            )
+            return
         if not phases:
             yield Problem("strategy.phases", [], "no phases", "give at least one [epoch, n]")
             return
