@@ -380,6 +380,17 @@ def test_status_counts_match_the_parameters(model: nn.Module, blocks: Blocks) ->
         assert part in line
 
 
+def test_first_plan_overrides_flags_set_before_the_freezer(
+    model: nn.Module, blocks: Blocks
+) -> None:
+    model.requires_grad_(False)
+    freezer = freezer_for(model, blocks)
+    freezer.apply(last(blocks, 2), step=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for part in (*blocks.blocks[3:], blocks.head) for n in part.params}
+    freezer.audit()
+
+
 def test_audit_catches_a_frozen_parameter_unfrozen_behind_the_plan(
     model: nn.Module, blocks: Blocks
 ) -> None:
@@ -463,11 +474,6 @@ def test_resumed_run_matches_uninterrupted_run(template: nn.Module) -> None:
     assert mid_warmup == pytest.approx(cosine(18)(9) * 0.5 * 0.8 * (9 - 6 + 1) / 5, rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_state_dict re-applies the saved plan before restoring unfrozen_at, so the "
-    "optimizer's LRs right after loading ignore the warmup of blocks still warming up",
-)
 def test_lrs_right_after_resume_match_the_saved_point(template: nn.Module) -> None:
     model = copy.deepcopy(template)
     blocks = discover(model)

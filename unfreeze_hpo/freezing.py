@@ -263,7 +263,8 @@ class Freezer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Re-apply the saved plan, so the next ``apply`` sees the same unfreeze events."""
         plan = state["plan"]
-        self.plan = None
+        self.plan = None  # a first apply records no unfreeze events: the saved ones are used
+        self.unfrozen_at = {int(k): int(v) for k, v in state["unfrozen_at"].items()}
         self.apply(
             Plan(
                 int(plan["epoch"]),
@@ -272,7 +273,6 @@ class Freezer:
             ),
             int(state["step"]),
         )
-        self.unfrozen_at = {int(k): int(v) for k, v in state["unfrozen_at"].items()}
 
     def _warmup(self, index: int, step: int) -> float:
         start = self.unfrozen_at.get(index)
