@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -65,13 +65,11 @@ def discover(
             Problem("blocks.granularity", granularity, "unknown granularity", "fine or coarse")
         )
     model = unwrap(model)
+    if matcher is not None:
+        return validate(model, _make_blocks(model, *_regex_groups(model, matcher), "regex"))
     for name, applies, groups_of in _ADAPTERS:
-        if matcher is not None and name != "regex":
-            continue
-        if matcher is None and not applies(model):
-            continue
-        groups, head = groups_of(model, granularity, matcher)
-        return validate(model, _make_blocks(model, groups, head, name))
+        if applies(model):
+            return validate(model, _make_blocks(model, *groups_of(model, granularity), name))
     raise BlockError(
         Problem(
             "blocks",
@@ -186,7 +184,7 @@ def _timm_applies(model: nn.Module) -> bool:
     return callable(getattr(model, "group_matcher", None))
 
 
-def _timm_groups(model: nn.Module, granularity: Granularity, _: Matcher | None) -> Grouping:
+def _timm_groups(model: nn.Module, granularity: Granularity) -> Grouping:
     try:
         matcher = model.group_matcher(coarse=granularity == "coarse")  # type: ignore[operator]
     except NotImplementedError as exc:
@@ -201,8 +199,7 @@ def _timm_groups(model: nn.Module, granularity: Granularity, _: Matcher | None) 
     return _split_head(model, _matched_groups(model, matcher))
 
 
-def _regex_groups(model: nn.Module, _: Granularity, matcher: Matcher | None) -> Grouping:
-    assert matcher is not None
+def _regex_groups(model: nn.Module, matcher: Matcher) -> Grouping:
     problems = []
     for key, spec in matcher.items():
         patterns = [s[0] for s in spec] if isinstance(spec, list | tuple) else [spec]
@@ -239,7 +236,7 @@ def _mvit_applies(model: nn.Module) -> bool:
     return isinstance(model, MultiscaleVisionTransformers)
 
 
-def _mvit_groups(model: nn.Module, granularity: Granularity, _: Matcher | None) -> Grouping:
+def _mvit_groups(model: nn.Module, granularity: Granularity) -> Grouping:
     return _module_groups(
         model,
         ["patch_embed", "cls_positional_encoding"],
@@ -254,7 +251,7 @@ def _net_applies(model: nn.Module) -> bool:
     return isinstance(model, Net)
 
 
-def _net_groups(model: nn.Module, granularity: Granularity, _: Matcher | None) -> Grouping:
+def _net_groups(model: nn.Module, granularity: Granularity) -> Grouping:
     from pytorchvideo.models.resnet import ResStage
 
     stages = model.blocks
@@ -327,21 +324,10 @@ def _few(items: Sequence[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def iter_params(model: nn.Module, block: Block) -> Iterator[nn.Parameter]:
-    """The parameters of ``block`` in ``model``."""
-    params = dict(unwrap(model).named_parameters())
-    return (params[n] for n in block.params)
-
-
+# Tried in order when no matcher is given: (name, applies to the model?, groups of the model).
 _ADAPTERS: tuple[
-    tuple[
-        str,
-        Callable[[nn.Module], bool],
-        Callable[[nn.Module, Granularity, Matcher | None], Grouping],
-    ],
-    ...,
+    tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module, Granularity], Grouping]], ...
 ] = (
-    ("regex", lambda m: False, _regex_groups),
     ("pytorchvideo-mvit", _mvit_applies, _mvit_groups),
     ("pytorchvideo-net", _net_applies, _net_groups),
     ("timm", _timm_applies, _timm_groups),

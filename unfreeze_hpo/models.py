@@ -68,7 +68,7 @@ def parse_name(name: str) -> tuple[str, str]:
                 "model.name",
                 name,
                 f"unknown model family {family!r}",
-                _did_you_mean(family, FAMILIES, f"one of {', '.join(FAMILIES)}"),
+                f"use one of {', '.join(f + ':' for f in FAMILIES)} e.g. timm:resnet18",
             )
         )
     known = available(family)
