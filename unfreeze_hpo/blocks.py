@@ -170,11 +170,13 @@ def execution_order(model: nn.Module, blocks: Blocks, *example: torch.Tensor) ->
                 order.append(index)
 
         handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
     try:
         with torch.no_grad():
             model.eval()
             model(*example)
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
     return order
