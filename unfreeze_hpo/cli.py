@@ -237,7 +237,8 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from unfreeze_hpo.strategies import REGISTRY, bounds_text
+    from unfreeze_hpo.params import bounds_text
+    from unfreeze_hpo.strategies import REGISTRY
 
     for name, cls in REGISTRY.items():
         print(f"{name}: {cls.summary}")
@@ -264,6 +265,85 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.filter in name:
             print(f"{args.family}:{name}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# validate, train, check
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="task/trial YAML file")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = _load_checked(args.config)
+    print(
+        f"{args.config}: ok — {cfg.model.name} on {cfg.data.kind} ({cfg.data.task}), "
+        f"strategy {cfg.strategy}, {cfg.epochs} epochs, output {cfg.output_dir}"
+    )
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="task YAML or exported schedule")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--output-dir", help="override output_dir")
+    p.add_argument("--epochs", type=int, help="override epochs (e.g. to extend a resumed run)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from unfreeze_hpo import train
+
+    cfg = _load_checked(args.config)
+    changes: dict[str, Any] = {}
+    if args.output_dir:
+        changes["output_dir"] = args.output_dir
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise ConfigError(Problem("--epochs", args.epochs, "must be >= 1", "e.g. --epochs 10"))
+        changes["epochs"] = args.epochs
+    cfg = cfg.replace(**changes)
+    try:
+        summary = train.run(cfg, resume=args.resume)
+    except train.TrialFailed as exc:
+        print(f"trial failed: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"done: {summary.epochs_run} epochs, best val acc {summary.best_val_acc:.4f} at "
+        f"epoch {summary.best_epoch}; metrics and checkpoints in {summary.output_dir}"
+    )
+    return 0
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    _config_arg(p)
+    p.add_argument("--samples", type=int, default=16, help="training examples to overfit")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.preflight import preflight
+
+    cfg = _load_checked(args.config)
+    result = preflight(cfg, samples=args.samples, steps=args.steps)
+    print(result.report())
+    return 0 if result.passed else 1
+
+
+def _load_checked(path: str) -> Any:
+    """Load a config and check what can be checked without training: data paths, model name."""
+    from unfreeze_hpo import config, data
+    from unfreeze_hpo.models import parse_name
+
+    cfg = config.load(path)
+    problems = list(data.check(cfg.data))
+    try:
+        parse_name(cfg.model.name)
+    except UserError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,6 +410,9 @@ COMMANDS: dict[
     ),
     "strategies": (cmd_strategies, _no_args, "list the freezing strategies and their parameters"),
     "models": (cmd_models, _models_args, "list the model names a family can build"),
+    "validate": (cmd_validate, _config_arg, "check a task YAML and report every problem at once"),
+    "train": (cmd_train, _train_args, "run one trial from a task YAML or exported schedule"),
+    "check": (cmd_check, _check_args, "preflight: overfit a tiny subset and diagnose failures"),
 }
 
 

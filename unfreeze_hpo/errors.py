@@ -15,9 +15,11 @@ class Problem:
     value: Any
     message: str
     fix: str
+    location: str = ""  # "file.yaml:12" when the value came from a file
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.message} (got {self.value!r}); fix: {self.fix}"
+        where = f"{self.location}: " if self.location else ""
+        return f"{where}{self.field}: {self.message} (got {self.value!r}); fix: {self.fix}"
 
 
 class UnfreezeHPOError(Exception):

@@ -134,12 +134,16 @@ def classifier_name(model: nn.Module) -> str:
     )
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
+def load_checkpoint(
+    model: nn.Module, path: str | Path, *, fresh_classifier: bool = False
+) -> list[str]:
     """Load weights from ``path`` into ``model``; returns the classifier keys left at init.
 
     Accepts a raw state dict or one nested under ``state_dict`` / ``model``, with or without a
     ``module.`` prefix. Every key must match; only the classifier may differ in shape (a
     checkpoint fine-tuned for another number of classes), in which case it keeps its fresh init.
+    With ``fresh_classifier`` the classifier always keeps its init (a backbone pretrained on
+    another task whose classes mean something else).
     """
     path = Path(path)
     fix_file = "give the path of a file written by torch.save(model.state_dict(), path)"
@@ -169,7 +173,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> list[str]:
     skipped = [
         k
         for k, v in state.items()
-        if k in own and k.startswith(head_prefix) and v.shape != own[k].shape
+        if k in own and k.startswith(head_prefix) and (fresh_classifier or v.shape != own[k].shape)
     ]
     mismatched = [
         f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"

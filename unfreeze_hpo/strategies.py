@@ -15,10 +15,11 @@ import math
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from unfreeze_hpo.errors import ConfigError, Problem
+from unfreeze_hpo.params import check_value, coerce, param
 
 # ---------------------------------------------------------------------------------------------
 # Plans
@@ -82,100 +83,6 @@ def blocks_for_ratio(sizes: Sequence[int], ratio: float) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameters: declared once, validated and coerced from YAML/CLI values in one place
-
-
-def param(
-    default: Any,
-    *,
-    help: str,
-    ge: float | None = None,
-    gt: float | None = None,
-    le: float | None = None,
-    choices: Sequence[str] | None = None,
-) -> Any:
-    """A strategy parameter with its bounds; the bounds drive validation, docs and tests."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices}
-    if isinstance(default, list | tuple):
-        return field(default_factory=lambda: tuple(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def bounds_text(meta: Mapping[str, Any]) -> str:
-    parts = []
-    if meta.get("gt") is not None:
-        parts.append(f"> {meta['gt']}")
-    if meta.get("ge") is not None:
-        parts.append(f">= {meta['ge']}")
-    if meta.get("le") is not None:
-        parts.append(f"<= {meta['le']}")
-    if meta.get("choices"):
-        parts.append("one of " + ", ".join(meta["choices"]))
-    return " and ".join(parts)
-
-
-def _check_field(name: str, value: Any, meta: Mapping[str, Any]) -> Problem | None:
-    where = f"strategy.{name}"
-    choices = meta.get("choices")
-    if choices is not None:
-        if value not in choices:
-            return Problem(where, value, "unknown value", f"use one of {', '.join(choices)}")
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return Problem(where, value, "must be a finite number", f"use a value {bounds_text(meta)}")
-    if not isinstance(value, int | float):
-        return None
-    low_ge, low_gt, high = meta.get("ge"), meta.get("gt"), meta.get("le")
-    if (
-        (low_ge is not None and value < low_ge)
-        or (low_gt is not None and value <= low_gt)
-        or (high is not None and value > high)
-    ):
-        return Problem(where, value, "out of range", f"use a value {bounds_text(meta)}")
-    return None
-
-
-def coerce(name: str, value: Any, annotation: Any) -> tuple[Any, Problem | None]:
-    """Bring a YAML/CLI value to the parameter's type, or say why it cannot be.
-
-    PyYAML reads ``1e-3`` as a string and ``yes`` as True: numeric strings are accepted as
-    numbers, booleans are never accepted as numbers.
-    """
-    where = f"strategy.{name}"
-    if annotation is int:
-        if isinstance(value, bool):
-            return value, Problem(where, value, "must be an integer, not a boolean", "e.g. 2")
-        if isinstance(value, float) and value.is_integer():
-            return int(value), None
-        if isinstance(value, str):
-            try:
-                number = float(value.strip())  # "2" and YAML-1.1 strings such as "1e3"
-            except ValueError:
-                number = math.nan
-            if number.is_integer():
-                return int(number), None
-        if isinstance(value, int):
-            return value, None
-        return value, Problem(where, value, "must be an integer", "write a whole number, e.g. 2")
-    if annotation is float:
-        if isinstance(value, bool):
-            return value, Problem(where, value, "must be a number, not a boolean", "e.g. 0.5")
-        if isinstance(value, int | float):
-            return float(value), None
-        if isinstance(value, str):
-            try:
-                return float(value.strip()), None
-            except ValueError:
-                pass
-        return value, Problem(where, value, "must be a number", "write a number, e.g. 0.5")
-    if annotation is str:
-        if isinstance(value, str):
-            return value, None
-        return value, Problem(where, value, "must be a string", "quote it")
-    return value, None  # structured parameters validate themselves in check()
-
-
-# ---------------------------------------------------------------------------------------------
 # The strategy interface and its registry
 
 
@@ -189,7 +96,8 @@ class Strategy(ABC):
         problems = [
             p
             for f in dataclasses.fields(self)  # type: ignore[arg-type]
-            if (p := _check_field(f.name, getattr(self, f.name), f.metadata)) is not None
+            if (p := check_value(f"strategy.{f.name}", getattr(self, f.name), f.metadata))
+            is not None
         ]
         problems += list(self.check())
         if problems:
@@ -286,9 +194,9 @@ def create(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
             )
             problems.append(Problem(f"strategy.{key}", value, f"not a parameter of {name}", fix))
             continue
-        values[key], problem = coerce(key, value, hints[key])
+        values[key], problem = coerce(f"strategy.{key}", value, hints[key])
         if problem is None:
-            problem = _check_field(key, values[key], fields[key].metadata)
+            problem = check_value(f"strategy.{key}", values[key], fields[key].metadata)
         if problem is not None:
             problems.append(problem)
     if problems:
