@@ -331,19 +331,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _load_checked(path: str) -> Any:
-    """Load a config and check what can be checked without training: data paths, model name."""
-    from unfreeze_hpo import config, data
-    from unfreeze_hpo.models import parse_name
+    from unfreeze_hpo import config
 
-    cfg = config.load(path)
-    problems = list(data.check(cfg.data))
-    try:
-        parse_name(cfg.model.name)
-    except UserError as exc:
-        problems += exc.problems
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return config.load(path)
 
 
 # ---------------------------------------------------------------------------------------------

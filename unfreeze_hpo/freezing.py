@@ -136,7 +136,6 @@ class Freezer:
         params = dict(self.model.named_parameters())
         self._params = [[params[n] for n in b.params] for b in blocks.blocks]
         self._head = [params[n] for n in blocks.head.params]
-        self._groups = {g["name"]: g for g in optimizer.param_groups}
         self._norms = _norm_layers(self.model, blocks)
 
     def apply(self, plan: Plan, step: int) -> list[str]:
@@ -181,10 +180,13 @@ class Freezer:
         """Set every group's LR for ``step``: a pure function of the step and the plan."""
         assert self.plan is not None, "apply a plan first"
         base = self.base_lr(step)
+        # Looked up each time: optimizer.load_state_dict replaces the group dicts.
+        groups = {g["name"]: g for g in self.optimizer.param_groups}
         for i, block in enumerate(self.blocks.blocks):
-            self._groups[block.name]["lr"] = base * self.plan.lr_scales[i] * self._warmup(i, step)
-        if "head" in self._groups:
-            self._groups["head"]["lr"] = base
+            if block.name in groups:
+                groups[block.name]["lr"] = base * self.plan.lr_scales[i] * self._warmup(i, step)
+        if "head" in groups:
+            groups["head"]["lr"] = base
 
     def lrs(self) -> dict[str, float]:
         """The LR of every param group, by block name."""

@@ -338,7 +338,11 @@ def resnet3d_tiny(
     model_num_class: int = 400,
     dropout_rate: float = 0.0,
 ) -> nn.Module:
-    """A shallow, narrow ResNet3D (stem + one bottleneck per stage) from pytorchvideo's parts."""
+    """A shallow, narrow ResNet3D (stem + one bottleneck per stage) from pytorchvideo's parts.
+
+    Temporal convolutions run from the stem on (as in I3D), so motion of a few pixels per frame
+    is seen before spatial downsampling hides it.
+    """
     from pytorchvideo.models.head import create_res_basic_head
     from pytorchvideo.models.net import Net
     from pytorchvideo.models.resnet import create_bottleneck_block, create_res_stage
@@ -348,13 +352,13 @@ def resnet3d_tiny(
         create_res_basic_stem(
             in_channels=input_channel,
             out_channels=stem_dim_out,
-            conv_kernel_size=(1, 7, 7),
-            conv_padding=(0, 3, 3),
+            conv_kernel_size=(3, 7, 7),
+            conv_padding=(1, 3, 3),
         )
     ]
     dim_in, dim_out = stem_dim_out, stem_dim_out * 4
     for i, depth in enumerate(stage_depths):
-        temporal_kernel = 1 if i < 2 else 3  # as in Slow: temporal convs in the late stages
+        temporal_kernel = 3
         blocks.append(
             create_res_stage(
                 depth=depth,

@@ -1,0 +1,331 @@
+"""Task/trial YAML -> frozen dataclasses, with every problem reported at once.
+
+YAML is read with the YAML 1.2 core rules for scalars (``1e-3`` is a number, ``no`` is the
+string "no", ``010`` is refused as ambiguous), duplicate keys are errors, and every problem
+carries the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unfreeze_hpo import data, strategies
+from unfreeze_hpo.data import DataConfig
+from unfreeze_hpo.errors import ConfigError, Problem, UserError
+from unfreeze_hpo.models import ModelSpec, parse_name
+from unfreeze_hpo.params import build, param
+from unfreeze_hpo.strategies import Strategy
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = param("pytorchvideo:resnet3d_tiny", help="timm:<name> or pytorchvideo:<name>")
+    pretrained: bool = param(False, help="load the hub's pretrained weights (needs network)")
+    checkpoint: str | None = param(None, help="local weights: a torch state dict file")
+    pretrain_on_source: bool = param(
+        False, help="pretrain on the synthetic source task first (cached on disk)"
+    )
+    num_classes: int | None = param(None, ge=1, help="classifier size; default: the data's")
+    kwargs: dict[str, Any] = param({}, help="keyword arguments for the model builder")
+    granularity: str = param("fine", choices=("fine", "coarse"), help="block granularity")
+    matcher: dict[str, Any] | None = param(None, help="timm-style regex blocks for any model")
+
+    def spec(self, num_classes: int) -> ModelSpec:
+        return ModelSpec(self.name, self.pretrained, self.checkpoint, num_classes, self.kwargs)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = param("adamw", choices=("adamw", "adam", "sgd"), help="torch optimizer")
+    lr: float = param(1e-3, gt=0, help="the head's peak learning rate")
+    weight_decay: float = param(0.0, ge=0, help="decoupled for adamw")
+    momentum: float = param(0.9, ge=0, le=1, help="sgd only")
+    backbone_lr_mult: float = param(1.0, gt=0, help="LR of the block next to the head / head LR")
+    layer_decay: float = param(1.0, gt=0, le=1, help="LR factor per block further from the head")
+    unfreeze_warmup_steps: int = param(0, ge=0, help="linear LR warmup after a block unfreezes")
+    grad_clip: float = param(1.0, ge=0, help="max gradient norm; 0 disables clipping")
+
+    def kwargs(self) -> dict[str, Any]:
+        extra = {"momentum": self.momentum} if self.name == "sgd" else {}
+        return {"weight_decay": self.weight_decay, **extra}
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    kind: str = param("cosine", choices=("constant", "cosine"), help="base LR over the steps")
+    warmup_steps: int = param(0, ge=0, help="linear warmup from the first step")
+    min_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine floor as a share of lr")
+
+
+@dataclass(frozen=True)
+class SignalsConfig:
+    baseline_steps: int = param(20, ge=1, help="steps before an unfreeze event for the baseline")
+    window_steps: int = param(20, ge=1, help="steps after an unfreeze event that are watched")
+
+
+def _default_strategy() -> Strategy:
+    return strategies.create("early_gradual")
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial needs; ``to_dict`` gives back the YAML form."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    strategy: Strategy = field(default_factory=_default_strategy)
+    epochs: int = param(12, ge=1, help="training epochs")
+    batch_size: int = param(32, ge=1, help="samples per step")
+    amp: str = param("none", choices=("none", "bf16", "fp16"), help="mixed precision")
+    device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when present")
+    seed: int = param(0, ge=0, help="seeds model init, data order and dropout")
+    output_dir: str = param("runs/trial", help="metrics and checkpoints go here")
+    monitor: str = param(
+        "val_acc",
+        choices=("val_acc", "val_loss"),
+        help="metric history the adaptive strategy watches",
+    )
+    frozen_norm_eval: bool = param(True, help="keep BatchNorm of frozen blocks in eval mode")
+    max_nonfinite_steps: int = param(
+        20, ge=1, help="consecutive non-finite steps before the trial fails as diverged"
+    )
+    num_workers: int = param(0, ge=0, help="DataLoader worker processes")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in out.items():
+            if dataclasses.is_dataclass(value) and not isinstance(value, Strategy):
+                out[key] = _plain(dataclasses.asdict(value))  # type: ignore[arg-type]
+        out["strategy"] = {"name": self.strategy.name, **_plain(self.strategy.params())}
+        return out
+
+    def replace(self, **changes: Any) -> TrialConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load(path: str | Path) -> TrialConfig:
+    """Read and validate a trial YAML file; ConfigError lists every problem with file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            Problem("config", str(path), "no such file", "give the path of a YAML file")
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            Problem(
+                "config",
+                str(path),
+                f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                "save the file as UTF-8",
+                str(path),
+            )
+        ) from exc
+    values, lines = parse_yaml(text, str(path))
+    return from_dict(values, lines=lines, source=str(path))
+
+
+def from_dict(
+    values: Mapping[str, Any],
+    *,
+    lines: Mapping[str, int] | None = None,
+    source: str = "",
+) -> TrialConfig:
+    """Build a TrialConfig from plain values (YAML, a Ray trial's flat dict made nested …)."""
+    problems: list[Problem] = []
+    values = dict(values)
+    raw_strategy = values.pop("strategy", {"name": "early_gradual"})
+    strategy = _strategy(raw_strategy, problems)
+    cfg = build(TrialConfig, values, "", problems)
+    problems += _cheap_checks(values)
+    if problems:
+        raise ConfigError([_locate(p, lines or {}, source) for p in problems])
+    assert cfg is not None and strategy is not None
+    return dataclasses.replace(cfg, strategy=strategy)
+
+
+def _cheap_checks(values: Mapping[str, Any]) -> list[Problem]:
+    """Checks that need no training: data paths and the model name, run even when other
+    sections have problems, so one run reports everything."""
+    problems: list[Problem] = []
+    data_cfg = build(DataConfig, values.get("data"), "data", [])
+    if data_cfg is not None:
+        problems += data.check(data_cfg)
+    model = values.get("model")
+    name = model.get("name") if isinstance(model, Mapping) else None
+    if isinstance(name, str):
+        try:
+            parse_name(name)
+        except UserError as exc:
+            problems += exc.problems
+    return problems
+
+
+def _strategy(raw: Any, problems: list[Problem]) -> Strategy | None:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("name"), str):
+        problems.append(
+            Problem(
+                "strategy",
+                raw,
+                "must be a mapping with a name",
+                "e.g. strategy: {name: early_gradual, freeze_epochs: 1}",
+            )
+        )
+        return None
+    params = {k: v for k, v in raw.items() if k != "name"}
+    try:
+        return strategies.create(raw["name"], params)
+    except UserError as exc:
+        problems += exc.problems
+        return None
+
+
+def parse_yaml(text: str, source: str = "<string>") -> tuple[dict[str, Any], dict[str, int]]:
+    """Parse YAML into plain values and the line of every key path (``model.name`` -> 3)."""
+    lines: dict[str, int] = {}
+    problems: list[Problem] = []
+    loader = None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        value = {} if node is None else _construct(loader, node, "", lines, problems, source)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        reason = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+        raise ConfigError(
+            Problem("yaml", source, f"not valid YAML ({reason})", "fix the syntax there", where)
+        ) from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if problems:
+        raise ConfigError(problems)
+    if not isinstance(value, dict):
+        raise ConfigError(
+            Problem(
+                "config",
+                value,
+                "the file must hold a mapping at the top",
+                "write key: value pairs",
+                f"{source}:1",
+            )
+        )
+    return value, lines
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 core scalars: true/false only, numbers in plain notation."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [
+        (tag, rx)
+        for tag, rx in resolvers
+        if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+    ]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?$"
+        r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct(
+    loader: _Loader,
+    node: yaml.Node,
+    path: str,
+    lines: dict[str, int],
+    problems: list[Problem],
+    source: str,
+) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            where = f"{source}:{key_node.start_mark.line + 1}"
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                problems.append(
+                    Problem(
+                        path or "config",
+                        "<<",
+                        "YAML merge keys are not supported",
+                        "write the keys out",
+                        where,
+                    )
+                )
+                continue
+            key = loader.construct_object(key_node)
+            if not isinstance(key, str):
+                problems.append(
+                    Problem(
+                        path or "config",
+                        key,
+                        "keys must be plain names",
+                        "write name: value",
+                        where,
+                    )
+                )
+                continue
+            key_path = f"{path}.{key}" if path else key
+            if key in out:
+                problems.append(
+                    Problem(
+                        key_path,
+                        key,
+                        f"duplicate key (first at line {lines[key_path]})",
+                        "keep one of them",
+                        where,
+                    )
+                )
+                continue
+            lines[key_path] = key_node.start_mark.line + 1
+            out[key] = _construct(loader, value_node, key_path, lines, problems, source)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _construct(loader, n, f"{path}[{i}]", lines, problems, source)
+            for i, n in enumerate(node.value)
+        ]
+    return loader.construct_object(node)
+
+
+def _locate(problem: Problem, lines: Mapping[str, int], source: str) -> Problem:
+    path = re.sub(r"\[\d+\]$", "", problem.field)
+    while path and path not in lines:
+        path = path.rpartition(".")[0]
+    if not source or problem.location:
+        return problem
+    location = f"{source}:{lines[path]}" if path else source
+    return dataclasses.replace(problem, location=location)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,576 @@
+"""One trial: the full fine-tuning loop with gradual unfreezing, ``run(cfg, report) -> Summary``.
+
+Each epoch: the strategy's plan is applied and audited; each step trains with non-finite
+numbers skipped and counted, never sanitised; each epoch ends with validation, the drift probe,
+spike signals, a metrics line, an atomic checkpoint and a report. No Ray, YAML or pandas here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from unfreeze_hpo import data
+from unfreeze_hpo.blocks import Blocks, discover
+from unfreeze_hpo.config import ScheduleConfig, TrialConfig
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
+from unfreeze_hpo.freezing import Freezer, build_optimizer
+from unfreeze_hpo.models import build, load_checkpoint
+from unfreeze_hpo.signals import SpikeMonitor
+
+Report = Callable[[dict[str, float], Path | None], None]
+Log = Callable[[str], None]
+CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+
+
+class TrialFailed(UnfreezeHPOError):
+    """The trial cannot go on; ``reason`` is a short code (diverged, oom, runtime_error)."""
+
+    def __init__(self, reason: str, detail: str, epoch: int, step: int) -> None:
+        self.reason, self.detail, self.epoch, self.step = reason, detail, epoch, step
+        super().__init__(f"{reason} at epoch {epoch}, step {step}: {detail}")
+
+
+@dataclass
+class Summary:
+    """What a finished trial reached, and the unfreeze events it actually took."""
+
+    epochs_run: int
+    steps: int
+    final: dict[str, float]
+    best_val_acc: float
+    best_epoch: int
+    timeline: list[dict[str, Any]]
+    output_dir: str
+
+
+@dataclass
+class LoopState:
+    """The loop's counters: everything besides model/optimizer a resumed run needs."""
+
+    epoch: int = 0  # the next epoch to run
+    step: int = 0
+    history: list[float] = field(default_factory=list)  # monitored metric after each epoch
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    skipped_total: int = 0
+    amp_skipped_total: int = 0
+    nonfinite_streak: int = 0  # consecutive skipped steps, across epochs
+    best_val_acc: float = -math.inf
+    best_epoch: int = -1
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    grad_norm: float
+    skipped: str | None  # None, "nonfinite_loss", "nonfinite_grad" or "amp_overflow"
+
+
+@dataclass
+class Trial:
+    """The objects one trial trains with (also what preflight drives)."""
+
+    cfg: TrialConfig
+    device: torch.device
+    model: nn.Module
+    blocks: Blocks
+    optimizer: torch.optim.Optimizer
+    freezer: Freezer
+    scaler: torch.amp.GradScaler
+    datasets: data.Datasets
+    steps_per_epoch: int
+
+
+def run(
+    cfg: TrialConfig, report: Report | None = None, *, resume: bool = False, log: Log = print
+) -> Summary:
+    """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    trial = setup(cfg, log)
+    freezer = trial.freezer
+    monitor = SpikeMonitor(
+        cfg.signals.baseline_steps,
+        cfg.signals.window_steps,
+        higher_is_better=cfg.monitor == "val_acc",
+    )
+    state = LoopState()
+    if resume:
+        state = _resume(trial, monitor, out, log)
+    else:
+        _start_over(out, log)
+    sizes = trial.blocks.sizes
+    log(
+        f"trial: {cfg.model.name}, {len(trial.blocks)} blocks, strategy {cfg.strategy}, "
+        f"{cfg.epochs} epochs x {trial.steps_per_epoch} steps, device {trial.device}, "
+        f"amp {cfg.amp}"
+    )
+    for note in cfg.strategy.notes(cfg.epochs, sizes):
+        log(f"note: {note}")
+
+    for epoch in range(state.epoch, cfg.epochs):
+        started = time.perf_counter()
+        plan = cfg.strategy.plan(
+            epoch,
+            state.history,
+            sizes,
+            backbone_lr_mult=cfg.optimizer.backbone_lr_mult,
+            layer_decay=cfg.optimizer.layer_decay,
+        )
+        first_plan = freezer.plan is None
+        freezer.train()
+        newly = freezer.apply(plan, state.step)
+        if newly and not first_plan:
+            monitor.on_unfreeze(epoch, state.step, newly)
+            added = sum(b.numel for b in trial.blocks.blocks if b.name in newly)
+            log(
+                f"unfreeze event at epoch {epoch} (step {state.step}): {', '.join(newly)} "
+                f"(+{added:,} parameters)"
+            )
+        if newly:
+            state.timeline.append(
+                {
+                    "epoch": epoch,
+                    "step": state.step,
+                    "blocks": newly,
+                    "n_trainable": plan.n_trainable,
+                }
+            )
+        before = _snapshot(trial)
+        train = _train_epoch(
+            trial, monitor, state, epoch, unfroze=bool(newly) and not first_plan, log=log
+        )
+        val_loss, val_acc = evaluate(trial)
+        state.history.append(val_acc if cfg.monitor == "val_acc" else val_loss)
+        monitor.on_epoch_end(epoch, val_acc if cfg.monitor == "val_acc" else val_loss)
+        drift = _drift(trial, before, steps_taken=train["steps_taken"])
+        freezer.audit()
+        if val_acc > state.best_val_acc:
+            state.best_val_acc, state.best_epoch = val_acc, epoch
+        status = freezer.status()
+        metrics: dict[str, float] = {
+            "epoch": float(epoch),
+            "step": float(state.step),
+            "train_loss": train["loss"],
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "best_val_acc": state.best_val_acc,
+            "grad_norm": train["grad_norm"],
+            "grad_norm_max": train["grad_norm_max"],
+            "skipped_steps": train["skipped"],
+            "skipped_total": float(state.skipped_total),
+            "amp_skipped_total": float(state.amp_skipped_total),
+            "trainable_params": float(status.trainable),
+            "frozen_params": float(status.frozen),
+            "trainable_ratio": status.trainable_ratio,
+            "backbone_trainable_ratio": status.backbone_ratio,
+            "unfrozen_blocks": float(plan.n_trainable),
+            "epoch_seconds": time.perf_counter() - started,
+            **{f"lr/{name}": lr for name, lr in freezer.lrs().items()},
+            **drift,
+            **monitor.metrics(),
+        }
+        state.epoch = epoch + 1
+        checkpoint = _save_checkpoint(trial, monitor, state, out)
+        _append_metrics(out, metrics, status.unfrozen)
+        _write_csv(out)  # rewritten each epoch, so a failed trial still leaves its table
+        log(_epoch_line(cfg, metrics))
+        log(status.line(epoch))
+        if report is not None:
+            report(metrics, checkpoint)
+
+    final = _read_metrics(out)[-1]["metrics"] if state.epoch > 0 else {}
+    return Summary(
+        state.epoch,
+        state.step,
+        final,
+        state.best_val_acc,
+        state.best_epoch,
+        state.timeline,
+        str(out),
+    )
+
+
+def setup(cfg: TrialConfig, log: Log = print) -> Trial:
+    """Data, model (with its weights), blocks, optimizer and freezer for ``cfg``."""
+    device = resolve_device(cfg.device)
+    datasets = data.load(cfg.data)
+    num_classes = cfg.model.num_classes or datasets.num_classes
+    if num_classes != datasets.num_classes:
+        raise ConfigError(
+            Problem(
+                "model.num_classes",
+                num_classes,
+                f"the data has {datasets.num_classes} classes",
+                "remove model.num_classes or match the data",
+            )
+        )
+    model = build(cfg.model.spec(num_classes))
+    if cfg.model.pretrain_on_source:
+        from unfreeze_hpo.embedded import source_checkpoint
+
+        load_checkpoint(model, source_checkpoint(cfg, log), fresh_classifier=True)
+    model.to(device)
+    blocks = discover(model, cfg.model.granularity, cfg.model.matcher)  # type: ignore[arg-type]
+    optimizer = build_optimizer(
+        model, blocks, cfg.optimizer.name, lr=cfg.optimizer.lr, **cfg.optimizer.kwargs()
+    )
+    steps_per_epoch = math.ceil(len(datasets.train) / cfg.batch_size)  # type: ignore[arg-type]
+    base_lr = lr_schedule(cfg.schedule, cfg.optimizer.lr, cfg.epochs * steps_per_epoch)
+    freezer = Freezer(
+        model,
+        blocks,
+        optimizer,
+        base_lr,
+        warmup_steps=cfg.optimizer.unfreeze_warmup_steps,
+        frozen_norm_eval=cfg.frozen_norm_eval,
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    return Trial(cfg, device, model, blocks, optimizer, freezer, scaler, datasets, steps_per_epoch)
+
+
+def lr_schedule(schedule: ScheduleConfig, lr: float, total_steps: int) -> Callable[[int], float]:
+    """The base (head) LR as a pure function of the global step."""
+    warmup, floor = schedule.warmup_steps, schedule.min_lr_ratio
+
+    def base_lr(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        if schedule.kind == "constant":
+            return lr
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return base_lr
+
+
+def train_step(
+    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, params: Sequence[nn.Parameter]
+) -> StepOutcome:
+    """One optimizer step. A non-finite loss or gradient skips the step; nothing is sanitised."""
+    optimizer, scaler = trial.optimizer, trial.scaler
+    with autocast(trial):
+        logits = trial.model(inputs)
+    loss = nn.functional.cross_entropy(logits.float(), labels)
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(loss_value, math.nan, "nonfinite_loss")
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    clip = trial.cfg.optimizer.grad_clip or math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+    skipped = None
+    if not math.isfinite(grad_norm):
+        # With fp16 the scaler skips the step itself and lowers its scale; without a scaler
+        # the step must not run at all.
+        skipped = "amp_overflow" if scaler.is_enabled() else "nonfinite_grad"
+    if skipped != "nonfinite_grad":
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss_value, grad_norm, skipped)
+
+
+def _train_epoch(
+    trial: Trial, monitor: SpikeMonitor, state: LoopState, epoch: int, unfroze: bool, log: Log
+) -> dict[str, float]:
+    cfg = trial.cfg
+    params = [p for p in trial.model.parameters() if p.requires_grad]
+    losses, norms = [], []
+    skipped = 0
+    retried = False
+    event_step = state.step
+    for inputs, labels in _loader(trial, epoch):
+        inputs, labels = inputs.to(trial.device), labels.to(trial.device)
+        trial.freezer.set_lr(state.step)
+        try:
+            outcome = train_step(trial, inputs, labels, params)
+        except torch.OutOfMemoryError as exc:
+            raise TrialFailed("oom", _describe(exc), epoch, state.step) from exc
+        except RuntimeError as exc:
+            near_event = unfroze and state.step - event_step < cfg.signals.window_steps
+            if retried or not near_event:
+                raise TrialFailed("runtime_error", _describe(exc), epoch, state.step) from exc
+            # Newly unfrozen parameters may be non-contiguous views; one retry after fixing that.
+            log(
+                f"warning: {_describe(exc)} right after an unfreeze; retrying the step once "
+                "with contiguous parameters"
+            )
+            retried = True
+            trial.optimizer.zero_grad(set_to_none=True)
+            _make_contiguous(params)
+            try:
+                outcome = train_step(trial, inputs, labels, params)
+            except RuntimeError as again:
+                raise TrialFailed(
+                    "runtime_error", f"{_describe(again)} (also after the retry)", epoch, state.step
+                ) from again
+        monitor.update(state.step, outcome.loss, outcome.grad_norm)
+        state.step += 1
+        if outcome.skipped:
+            skipped += 1
+            state.nonfinite_streak += 1
+            state.skipped_total += 1
+            state.amp_skipped_total += outcome.skipped == "amp_overflow"
+            if state.nonfinite_streak >= cfg.max_nonfinite_steps:
+                raise TrialFailed(
+                    "diverged",
+                    f"{state.nonfinite_streak} consecutive steps with non-finite "
+                    f"loss or gradients (last: {outcome.skipped})",
+                    epoch,
+                    state.step,
+                )
+            continue
+        state.nonfinite_streak = 0
+        losses.append(outcome.loss)
+        norms.append(outcome.grad_norm)
+    return {
+        "loss": _mean(losses),
+        "grad_norm": _mean(norms),
+        "grad_norm_max": max(norms, default=0.0),
+        "skipped": float(skipped),
+        "steps_taken": float(len(losses)),
+    }
+
+
+def evaluate(trial: Trial) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the validation split."""
+    model = trial.model
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    loader = DataLoader(
+        trial.datasets.val, batch_size=trial.cfg.batch_size, num_workers=trial.cfg.num_workers
+    )
+    with torch.no_grad():
+        for inputs, labels in loader:
+            inputs, labels = inputs.to(trial.device), labels.to(trial.device)
+            with autocast(trial):
+                logits = model(inputs)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            total += len(labels)
+    return (loss_sum / total, correct / total) if total else (math.nan, math.nan)
+
+
+def autocast(trial: Trial) -> contextlib.AbstractContextManager[Any]:
+    if trial.cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if trial.cfg.amp == "bf16" else torch.float16
+    return torch.autocast(trial.device.type, dtype=dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            Problem("device", name, "CUDA is not available here", "use device: auto or cpu")
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loader(trial: Trial, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    # The order of an epoch is a pure function of (seed, epoch): a resumed run sees the same.
+    generator = torch.Generator().manual_seed(trial.cfg.seed * 1_000_003 + epoch)
+    return iter(
+        DataLoader(
+            trial.datasets.train,
+            batch_size=trial.cfg.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=trial.cfg.num_workers,
+        )
+    )
+
+
+def _snapshot(trial: Trial) -> list[torch.Tensor]:
+    """Parameter values per block and head, taken before the epoch (before any EMA)."""
+    params = dict(trial.model.named_parameters())
+    return [
+        torch.cat([params[n].detach().flatten().float() for n in part.params]).clone()
+        if part.params
+        else torch.zeros(0)
+        for part in (*trial.blocks.blocks, trial.blocks.head)
+    ]
+
+
+def _drift(trial: Trial, before: list[torch.Tensor], steps_taken: float) -> dict[str, float]:
+    """How far each group moved this epoch; trainable groups that did not move and frozen
+    groups that did are counted (the "parameters not moving" failure)."""
+    now = _snapshot(trial)
+    plan = trial.freezer.plan
+    assert plan is not None
+    stuck = moved_frozen = 0
+    smallest = math.inf
+    parts = (*trial.blocks.blocks, trial.blocks.head)
+    for i, (part, old, new) in enumerate(zip(parts, before, now, strict=True)):
+        if not part.params:
+            continue
+        delta = float((new - old).norm())
+        trainable = part is trial.blocks.head or plan.is_trainable(i)
+        if trainable:
+            smallest = min(smallest, delta)
+            stuck += steps_taken > 0 and delta == 0.0
+        else:
+            moved_frozen += delta != 0.0
+    return {
+        "drift_min_trainable": smallest if math.isfinite(smallest) else 0.0,
+        "drift_stuck_groups": float(stuck),
+        "drift_moved_frozen_groups": float(moved_frozen),
+    }
+
+
+def _make_contiguous(params: Sequence[nn.Parameter]) -> None:
+    with torch.no_grad():
+        for p in params:
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+
+
+def _describe(exc: BaseException) -> str:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+    return f"{type(exc).__name__}: {message}"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _epoch_line(cfg: TrialConfig, m: dict[str, float]) -> str:
+    return (
+        f"epoch {int(m['epoch'])}/{cfg.epochs - 1} | train loss {m['train_loss']:.4f} | "
+        f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} | backbone trainable "
+        f"{100 * m['backbone_trainable_ratio']:.1f}% ({int(m['unfrozen_blocks'])} blocks) | "
+        f"lr head {m['lr/head']:.2e} | grad {m['grad_norm']:.3g} | skipped "
+        f"{int(m['skipped_steps'])} | spike loss x{m['spike_loss_ratio']:.2f} grad "
+        f"x{m['spike_grad_ratio']:.2f} | {m['epoch_seconds']:.1f}s"
+    )
+
+
+# --- checkpoints and metrics files ------------------------------------------------------------
+
+
+def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out: Path) -> Path:
+    """Write atomically: a temp file renamed over the latest, whose old copy becomes previous."""
+    payload = {
+        "model": trial.model.state_dict(),
+        "optimizer": trial.optimizer.state_dict(),
+        "scaler": trial.scaler.state_dict(),
+        "freezer": trial.freezer.state_dict(),
+        "monitor": monitor.state_dict(),
+        "loop": vars(state),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "config": trial.cfg.to_dict(),
+    }
+    if torch.cuda.is_available():
+        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    tmp = out / (CHECKPOINT + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    latest = out / CHECKPOINT
+    if latest.exists():
+        os.replace(latest, out / PREVIOUS)
+    os.replace(tmp, latest)
+    return latest
+
+
+def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopState:
+    path = out / CHECKPOINT if (out / CHECKPOINT).exists() else out / PREVIOUS
+    if not path.exists():
+        raise ConfigError(
+            Problem(
+                "--resume", str(out), "no checkpoint to resume from", "run without --resume first"
+            )
+        )
+    payload = torch.load(path, map_location=trial.device, weights_only=True)
+    saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "output_dir")}
+    current = {k: v for k, v in trial.cfg.to_dict().items() if k not in ("epochs", "output_dir")}
+    if saved != current:
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        raise ConfigError(
+            Problem(
+                "--resume",
+                changed,
+                "the checkpoint was written with a different config",
+                "resume with the same config (only epochs and output_dir may change)",
+            )
+        )
+    trial.model.load_state_dict(payload["model"])
+    trial.optimizer.load_state_dict(payload["optimizer"])
+    trial.scaler.load_state_dict(payload["scaler"])
+    trial.freezer.load_state_dict(payload["freezer"])
+    monitor.load_state_dict(payload["monitor"])
+    torch.set_rng_state(payload["rng"]["torch"].cpu())
+    random.setstate(_as_tuple(payload["rng"]["python"]))
+    if "cuda" in payload["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    state = LoopState(**payload["loop"])
+    _truncate_metrics(out, state.epoch)
+    log(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
+    return state
+
+
+def _start_over(out: Path, log: Log) -> None:
+    """A fresh run in a used folder: drop the old run's checkpoints and metrics."""
+    stale = [out / n for n in (CHECKPOINT, PREVIOUS, "metrics.jsonl", "metrics.csv")]
+    if any(p.exists() for p in stale[:2]):
+        log(f"note: {out} holds an earlier run; starting over (use --resume to continue it)")
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _append_metrics(out: Path, metrics: dict[str, float], unfrozen: Sequence[str]) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"metrics": metrics, "unfrozen": list(unfrozen)}) + "\n")
+
+
+def _read_metrics(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(out: Path, epochs: int) -> None:
+    """Keep the lines of epochs before ``epochs`` (a resumed run rewrites the rest)."""
+    rows = [r for r in _read_metrics(out) if r["metrics"]["epoch"] < epochs]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _write_csv(out: Path) -> None:
+    import csv
+
+    rows = [r["metrics"] for r in _read_metrics(out)]
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with (out / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
