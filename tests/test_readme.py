@@ -36,3 +36,16 @@ def test_quickstart_console_output_matches(capsys: pytest.CaptureFixture[str]) -
     for line in expected:
         if line.strip() != "...":
             assert line in out
+
+
+def test_examples_are_valid_configs() -> None:
+    from unfreeze_hpo.config import load
+    from unfreeze_hpo.errors import ConfigError
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert len(examples) >= 3
+    for path in examples:
+        try:
+            load(path)
+        except ConfigError as exc:  # real-data examples point at folders the user provides
+            assert {p.field for p in exc.problems} == {"data.root"}, path

@@ -1,0 +1,354 @@
+"""Data on disk: checks of folders and CSVs, image folders (torchvision ``ImageFolder``) and
+videos (pytorchvideo ``EncodedVideo`` + clip samplers)."""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import os
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from unfreeze_hpo.data.spec import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KINETICS_MEAN,
+    KINETICS_STD,
+    SPLITS,
+    VIDEO_EXTENSIONS,
+    DataConfig,
+    DataError,
+    Datasets,
+    Item,
+)
+from unfreeze_hpo.errors import Problem
+
+# ---------------------------------------------------------------------------------------------
+# Config checks
+
+
+def _check_int(field: str, value: Any, minimum: int | None, fix: str) -> list[Problem]:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return [Problem(field, value, "must be an integer", fix)]
+    if minimum is not None and value < minimum:
+        return [Problem(field, value, f"must be >= {minimum}", fix)]
+    return []
+
+
+def _did_you_mean(word: Any, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=2, cutoff=0.5)
+    if close:
+        return "did you mean " + " or ".join(close) + "?"
+    return "use one of " + ", ".join(choices)
+
+
+def _check_root(cfg: DataConfig) -> list[Problem]:
+    layouts = {
+        "image_folder": "root/train/<class>/*.png and root/val/<class>/*.png",
+        "video_folder": "root/train/<class>/*.mp4 and root/val/<class>/*.mp4",
+        "video_csv": "root/train.csv and root/val.csv with the header path,label",
+    }
+    fix = f"set data.root to a directory holding {layouts[cfg.kind]}"
+    if cfg.root is None:
+        return [Problem("data.root", None, f"{cfg.kind} reads its samples from a directory", fix)]
+    if not isinstance(cfg.root, str | os.PathLike):
+        return [Problem("data.root", cfg.root, "must be a path", fix)]
+    root = Path(cfg.root).expanduser()
+    if not root.exists():
+        return [Problem("data.root", str(cfg.root), "no such directory", fix)]
+    if not root.is_dir():
+        return [Problem("data.root", str(cfg.root), "is not a directory", fix)]
+    if cfg.kind == "video_csv":
+        return _check_csvs(root)
+    return _check_class_folders(root, _extensions(cfg.kind), fix)
+
+
+def _extensions(kind: str) -> tuple[str, ...]:
+    return IMAGE_EXTENSIONS if kind == "image_folder" else VIDEO_EXTENSIONS
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _check_class_folders(root: Path, extensions: tuple[str, ...], fix: str) -> list[Problem]:
+    problems: list[Problem] = []
+    classes: dict[str, list[str]] = {}
+    for split in SPLITS:
+        folder = root / split
+        if not folder.is_dir():
+            problems.append(Problem("data.root", str(root), f"has no {split}/ folder", fix))
+            continue
+        names = _class_folders(folder)
+        if not names:
+            problems.append(
+                Problem("data.root", str(folder), "holds no class folders", "add one per class")
+            )
+            continue
+        classes[split] = names
+        empty = [n for n in names if _first_file(folder / n, extensions) is None]
+        if empty:
+            problems.append(
+                Problem(
+                    "data.root",
+                    str(folder),
+                    f"class folders without a {'/'.join(extensions[:3])}... file: " + _some(empty),
+                    "add samples to them or remove them",
+                )
+            )
+    if len(classes) == 2 and classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        problems.append(
+            Problem(
+                "data.root",
+                str(root),
+                f"train/ and val/ hold different classes (only in train/: {_some(only_train)}; "
+                f"only in val/: {_some(only_val)})",
+                "give train/ and val/ the same class folders",
+            )
+        )
+    return problems
+
+
+def _class_folders(folder: Path) -> list[str]:
+    # The rule of torchvision's ImageFolder.find_classes, so image and video folders agree.
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def _first_file(folder: Path, extensions: tuple[str, ...]) -> Path | None:
+    return next(_files(folder, extensions), None)
+
+
+def _files(folder: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
+    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+        for name in sorted(filenames):
+            if name.lower().endswith(extensions):
+                yield Path(dirpath) / name
+
+
+def _some(names: Sequence[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return (", ".join(names[:limit]) or "none") + more
+
+
+def _check_csvs(root: Path) -> list[Problem]:
+    problems: list[Problem] = []
+    labels: dict[str, set[str]] = {}
+    for split in SPLITS:
+        rows, found = _read_csv(root / f"{split}.csv")
+        problems += found
+        if rows:
+            labels[split] = {label for _, label in rows}
+    if len(labels) == 2 and not labels["val"] <= labels["train"]:
+        unknown = sorted(labels["val"] - labels["train"])
+        problems.append(
+            Problem(
+                "data.root",
+                str(root / "val.csv"),
+                f"labels that train.csv never uses: {_some(unknown)}",
+                "every val label needs training samples; fix the labels or add train rows",
+            )
+        )
+    return problems
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
+    """Rows of a ``path,label`` CSV with paths resolved against its folder, and its problems."""
+    fix = "write a CSV with the header path,label and one video per line"
+    if not path.is_file():
+        return [], [Problem("data.root", str(path.parent), f"has no {path.name}", fix)]
+    with path.open(newline="", encoding="utf-8") as handle:
+        lines = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    if not lines or [cell.strip() for cell in lines[0]] != ["path", "label"]:
+        header = ",".join(lines[0]) if lines else ""
+        return [], [Problem("data.root", str(path), f"header is {header!r}, not path,label", fix)]
+    rows: list[tuple[Path, str]] = []
+    bad: list[str] = []
+    missing: list[str] = []
+    for number, row in enumerate(lines[1:], start=2):
+        cells = [cell.strip() for cell in row]
+        if len(cells) != 2 or not all(cells):
+            bad.append(str(number))
+            continue
+        video = Path(cells[0]).expanduser()
+        video = video if video.is_absolute() else path.parent / video
+        if not video.is_file():
+            missing.append(cells[0])
+        rows.append((video, cells[1]))
+    problems = []
+    if bad:
+        problems.append(
+            Problem(
+                "data.root",
+                str(path),
+                f"lines without exactly a path and a label: {_some(bad)}",
+                fix,
+            )
+        )
+    if missing:
+        problems.append(
+            Problem(
+                "data.root",
+                str(path),
+                f"{len(missing)} listed videos do not exist: {_some(missing, 3)}",
+                "paths are relative to the CSV's folder, or absolute",
+            )
+        )
+    if not rows and not bad:
+        problems.append(Problem("data.root", str(path), "lists no videos", fix))
+    return rows, problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Images on disk
+
+
+def _load_image_folder(cfg: DataConfig) -> Datasets:
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    root = Path(cfg.root or "").expanduser()
+    transform = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((cfg.size, cfg.size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.ToPureTensor(),
+        ]
+    )
+    train, val = (
+        ImageFolder(root / s, transform=transform, loader=_read_image, is_valid_file=_is_image)
+        for s in SPLITS
+    )
+    names = tuple(train.classes)
+    return Datasets(train, val, len(names), names, (3, cfg.size, cfg.size))
+
+
+def _read_image(path: str) -> Any:
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            return Image.open(handle).convert("RGB")
+    except Exception as exc:  # PIL raises several types for truncated or foreign files
+        raise DataError(
+            Problem(
+                "data.root", path, f"cannot read image ({_reason(exc)})", "re-save or remove it"
+            )
+        ) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos on disk
+
+
+class VideoDataset(Dataset[Item]):
+    """One clip per video per access: random in time for train, the centre clip for val.
+
+    The train clip's start comes from pytorchvideo's random clip sampler, which draws from
+    Python's ``random``: DataLoader workers seed it from the loader's torch generator, so a seeded
+    loader gives the same clips run after run.
+    """
+
+    def __init__(
+        self,
+        videos: Sequence[tuple[Path, int]],
+        frames: int,
+        size: int,
+        clip_seconds: float,
+        train: bool,
+    ) -> None:
+        from pytorchvideo.data import make_clip_sampler
+
+        self.videos = list(videos)
+        self.targets = [label for _, label in self.videos]
+        self.frames, self.size, self.train = frames, size, train
+        self.clip_seconds = Fraction(clip_seconds).limit_denominator(10**6)
+        # pytorchvideo has no centre sampler (its uniform one is stateful), so val computes it.
+        self._sampler = make_clip_sampler("random", self.clip_seconds) if train else None
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> Item:
+        path, label = self.videos[index]
+        return self._transform(self._decode(path)), label
+
+    def _decode(self, path: Path) -> torch.Tensor:
+        from pytorchvideo.data.encoded_video import EncodedVideo
+
+        fix = "re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it"
+        try:
+            video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
+            try:
+                start, end = self._clip_times(Fraction(video.duration))
+                clip = video.get_clip(start, end)["video"]
+            finally:
+                video.close()
+        except Exception as exc:  # PyAV and pytorchvideo raise many types for a bad file
+            raise DataError(
+                Problem("data.root", str(path), f"cannot decode video ({_reason(exc)})", fix)
+            ) from exc
+        if clip is None:
+            raise DataError(
+                Problem("data.root", str(path), f"no frames in [{start}, {end}) s", fix)
+            )
+        return clip  # (3, T, H, W), float32 in [0, 255]
+
+    def _clip_times(self, duration: Fraction) -> tuple[Fraction, Fraction]:
+        if self._sampler is not None:
+            info = self._sampler(0, duration, {})
+            return info.clip_start_sec, info.clip_end_sec
+        start = max(duration - self.clip_seconds, Fraction(0)) / 2
+        return start, start + self.clip_seconds
+
+    def _transform(self, clip: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as tvf
+
+        # Uniform temporal subsampling as pytorchvideo's UniformTemporalSubsample does it
+        # (its transforms module does not import with this torchvision).
+        steps = clip.shape[1]
+        picks = torch.linspace(0, steps - 1, self.frames).clamp(0, steps - 1).long()
+        frames = clip[:, picks].permute(1, 0, 2, 3)  # (T, 3, H, W): v2 treats T as batch
+        frames = tvf.resize(frames, [self.size, self.size], antialias=True) / 255.0
+        frames = tvf.normalize(frames, list(KINETICS_MEAN), list(KINETICS_STD))
+        return frames.permute(1, 0, 2, 3).contiguous()
+
+
+def _load_videos(cfg: DataConfig) -> Datasets:
+    root = Path(cfg.root or "").expanduser()
+    listed: dict[str, list[tuple[Path, str]]] = {}
+    if cfg.kind == "video_csv":
+        for split in SPLITS:
+            listed[split] = _read_csv(root / f"{split}.csv")[0]
+        names = tuple(sorted({label for _, label in listed["train"]}))
+    else:
+        names = tuple(_class_folders(root / "train"))
+        for split in SPLITS:
+            listed[split] = [
+                (path, name)
+                for name in names
+                for path in _files(root / split / name, VIDEO_EXTENSIONS)
+            ]
+    index = {name: i for i, name in enumerate(names)}
+
+    def dataset(split: str) -> VideoDataset:
+        videos = [(path, index[label]) for path, label in listed[split]]
+        return VideoDataset(videos, cfg.frames, cfg.size, cfg.clip_seconds, split == "train")
+
+    return Datasets(
+        dataset("train"), dataset("val"), len(names), names, (3, cfg.frames, cfg.size, cfg.size)
+    )
