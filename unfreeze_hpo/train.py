@@ -134,7 +134,8 @@ def run(
         first_plan = freezer.plan is None
         freezer.train()
         newly = freezer.apply(plan, state.step)
-        if newly and not first_plan:
+        event = bool(newly) and not first_plan  # blocks trainable from the start are no event
+        if event:
             monitor.on_unfreeze(epoch, state.step, newly)
             added = sum(b.numel for b in trial.blocks.blocks if b.name in newly)
             log(
@@ -151,12 +152,11 @@ def run(
                 }
             )
         before = _snapshot(trial)
-        train = _train_epoch(
-            trial, monitor, state, epoch, unfroze=bool(newly) and not first_plan, log=log
-        )
+        train = _train_epoch(trial, monitor, state, epoch, unfroze=event, log=log)
         val_loss, val_acc = evaluate(trial)
-        state.history.append(val_acc if cfg.monitor == "val_acc" else val_loss)
-        monitor.on_epoch_end(epoch, val_acc if cfg.monitor == "val_acc" else val_loss)
+        monitored = val_acc if cfg.monitor == "val_acc" else val_loss
+        state.history.append(monitored)
+        monitor.on_epoch_end(epoch, monitored)
         drift = _drift(trial, before, steps_taken=train["steps_taken"])
         freezer.audit()
         if val_acc > state.best_val_acc:
