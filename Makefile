@@ -16,14 +16,14 @@ demo: $(STAMP)
 		--strategy early_gradual --epochs 8
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check unfreeze_hpo tests
-	$(VENV)/bin/ruff format --check unfreeze_hpo tests
+	$(VENV)/bin/ruff check unfreeze_hpo tests benchmarks
+	$(VENV)/bin/ruff format --check unfreeze_hpo tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format unfreeze_hpo tests
-	$(VENV)/bin/ruff check --fix unfreeze_hpo tests
+	$(VENV)/bin/ruff format unfreeze_hpo tests benchmarks
+	$(VENV)/bin/ruff check --fix unfreeze_hpo tests benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -2,11 +2,11 @@
 synthetic target task with a frozen backbone, gentle unfreezing, fast unfreezing at a high LR,
 and from scratch, over several seeds, and compare held-out accuracy.
 
-    .venv/bin/python benchmarks/embedded_transfer.py            # 3 seeds, about 4 minutes on 2 cores
-    .venv/bin/python benchmarks/embedded_transfer.py --quick    # 1 seed, 3 epochs
+    .venv/bin/python benchmarks/embedded_transfer.py           # 3 seeds x 6 arms, ~8 min, 2 cores
+    .venv/bin/python benchmarks/embedded_transfer.py --quick   # 1 seed, 3 epochs
 
-Exits 1 when gentle unfreezing does not beat both the frozen backbone and the fast/high-LR arm
-by at least --margin (mean best val accuracy).
+Exits 1 unless gradual unfreezing beats both the frozen backbone and unfreezing everything at a
+too-high LR by at least --margin (mean best val accuracy): the three must end clearly apart.
 """
 
 from __future__ import annotations
@@ -25,19 +25,23 @@ from unfreeze_hpo.config import from_dict
 
 BASE: dict[str, Any] = {
     "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": True},
-    "optimizer": {"lr": 3e-3, "weight_decay": 0.01},
+    "optimizer": {"lr": 3e-2, "weight_decay": 0.01},
     "batch_size": 32,
 }
+GRADUAL = {"name": "early_gradual", "freeze_epochs": 1, "target_ratio": 1.0}
 ARMS: dict[str, dict[str, Any]] = {
-    "frozen (linear probe)": {"strategy": {"name": "frozen"}},
-    "gentle (early_gradual to 100%, backbone LR x0.3)": {
-        "strategy": {"name": "early_gradual", "target_ratio": 1.0, "blocks_per_epoch": 2},
-        "optimizer": {"backbone_lr_mult": 0.3, "unfreeze_warmup_steps": 10},
+    "frozen (linear probe), lr 3e-2": {"strategy": {"name": "frozen"}},
+    "gradual (2 blocks/epoch), lr 3e-2": {
+        "strategy": {**GRADUAL, "blocks_per_epoch": 2},
+        "optimizer": {"unfreeze_warmup_steps": 10},
     },
-    "fast, high LR (full, lr 3e-2)": {"strategy": {"name": "full"}, "optimizer": {"lr": 3e-2}},
-    "from scratch (no pretraining, full)": {
+    "all at once, too hot: lr 1e-1": {"strategy": {"name": "full"}, "optimizer": {"lr": 1e-1}},
+    "slow (1 block/epoch), lr 3e-2": {"strategy": {**GRADUAL, "blocks_per_epoch": 1}},
+    "all at once, lr 1e-2": {"strategy": {"name": "full"}, "optimizer": {"lr": 1e-2}},
+    "from scratch (no pretraining), lr 1e-2": {
         "strategy": {"name": "full"},
         "model": {"pretrain_on_source": False},
+        "optimizer": {"lr": 1e-2},
     },
 }
 
@@ -53,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--margin", type=float, default=0.03)
+    parser.add_argument("--margin", type=float, default=0.1)
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, no verdict")
     args = parser.parse_args()
     if args.quick:
@@ -66,17 +70,17 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as out:
                 summary = train.run(config(arm, seed, args.epochs, out), log=lambda _: None)
             scores[name].append(summary.best_val_acc)
-            print(f"seed {seed} {name:48s} best val acc {summary.best_val_acc:.3f}", flush=True)
+            print(f"seed {seed} {name:42s} best val acc {summary.best_val_acc:.3f}", flush=True)
     print(f"\n{args.seeds} seeds x {args.epochs} epochs, {time.perf_counter() - started:.0f}s")
     means = {name: statistics.mean(v) for name, v in scores.items()}
     for name, values in scores.items():
         spread = max(values) - min(values)
-        print(f"{name:48s} mean {means[name]:.3f}  spread {spread:.3f}")
-    gentle, frozen, hot = (means[n] for n in list(ARMS)[:3])
-    print(f"gentle - frozen: {gentle - frozen:+.3f}   gentle - fast/high LR: {gentle - hot:+.3f}")
+        print(f"{name:42s} mean {means[name]:.3f}  spread {spread:.3f}")
+    frozen, gradual, hot = (means[n] for n in list(ARMS)[:3])
+    print(f"gradual - frozen: {gradual - frozen:+.3f}   gradual - too hot: {gradual - hot:+.3f}")
     if args.quick:
         return 0
-    ok = gentle - frozen >= args.margin and gentle - hot >= args.margin
+    ok = gradual - frozen >= args.margin and gradual - hot >= args.margin
     print("verdict:", "freezing matters on the embedded default" if ok else "NOT SHOWN")
     return 0 if ok else 1
 

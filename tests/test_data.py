@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from unfreeze_hpo.data import (
     AXES,
+    DIRECTIONS,
     SHAPES,
     DataConfig,
     DataError,
@@ -65,18 +66,25 @@ def test_synthetic_video_items_have_the_model_layout() -> None:
 def test_synthetic_labels_are_balanced(kind: str, task: str) -> None:
     data = load(DataConfig(kind=kind, task=task, train_samples=512, val_samples=1, frames=1))
     counts = Counter(data.train[i][1] for i in range(512))
-    assert sorted(counts) == [0, 1, 2, 3]
-    assert all(90 <= c <= 166 for c in counts.values()), counts  # 128 each, give or take
+    n = 8 if (kind, task) == ("synthetic_video", "source") else 4
+    assert sorted(counts) == list(range(n)) and data.num_classes == n
+    expected = 512 / n
+    assert all(0.65 * expected <= c <= 1.35 * expected for c in counts.values()), counts
 
 
 def test_synthetic_class_names_are_readable() -> None:
-    assert load(DataConfig(task="source", train_samples=1, val_samples=1)).class_names == SHAPES
+    source = load(DataConfig(task="source", train_samples=1, val_samples=1)).class_names
+    assert source == tuple(f"{shape}/{axis}" for shape in SHAPES for axis in AXES)
     assert load(SMALL).class_names == (
-        "solid/horizontal",
-        "solid/vertical",
-        "thin/horizontal",
-        "thin/vertical",
+        "solid/right-or-down",
+        "solid/left-or-up",
+        "thin/right-or-down",
+        "thin/left-or-up",
     )
+    source_image = load(
+        DataConfig(kind="synthetic_image", task="source", train_samples=1, val_samples=1)
+    )
+    assert source_image.class_names == SHAPES
     image = load(DataConfig(kind="synthetic_image", train_samples=1, val_samples=1))
     assert image.class_names == ("solid/warm", "solid/cool", "thin/warm", "thin/cool")
 
@@ -123,7 +131,7 @@ def test_train_and_val_share_no_sample() -> None:
     assert not train & val
 
 
-def test_target_label_is_shape_group_times_motion_axis() -> None:
+def test_target_label_is_shape_group_times_direction_and_source_is_shape_times_axis() -> None:
     data = load(DataConfig(train_samples=256, val_samples=1))
     source = load(DataConfig(task="source", train_samples=256, val_samples=1))
     assert isinstance(data.train, SyntheticDataset) and isinstance(source.train, SyntheticDataset)
@@ -132,12 +140,16 @@ def test_target_label_is_shape_group_times_motion_axis() -> None:
         sample, label = data.train.describe(i), data.train[i][1]
         assert sample.motion is not None
         group = SHAPES.index(sample.shape) // 2
-        axis = 0 if sample.motion in ("right", "left") else 1
-        assert label == 2 * group + axis
-        assert data.class_names[label].split("/")[1] == AXES[axis]
+        direction = 0 if sample.motion in ("right", "down") else 1
+        assert label == 2 * group + direction
+        assert data.class_names[label].split("/")[1] == DIRECTIONS[direction]
         labels_by_shape.setdefault(sample.shape, set()).add(label)
-        assert source.train[i][1] == SHAPES.index(source.train.describe(i).shape)
-    # Same shape, different motion axis: a different target label. Shape alone does not decide it.
+        seen = source.train.describe(i)
+        assert seen.motion is not None
+        axis = 0 if seen.motion in ("right", "left") else 1
+        assert source.train[i][1] == 2 * SHAPES.index(seen.shape) + axis
+    # Same shape, opposite directions: different target labels. Shape alone does not decide it,
+    # and neither does the axis the source task taught.
     assert all(len(labels) == 2 for labels in labels_by_shape.values())
 
 

@@ -1,9 +1,10 @@
 """The embedded default's pretrained backbone: trained once on the synthetic source task, cached.
 
 Freezing only matters for a backbone that knows something. Without hub downloads, the backbone
-is pretrained here on the *source* task (label = shape) and fine-tuned on the *target* task
-(shape group x motion axis). The weights are cached on disk, keyed by everything they depend on,
-and written atomically under a file lock so parallel trials build them once.
+is pretrained here on the *source* task (label = shape x motion axis) and fine-tuned on the
+*target* task (shape group x which way along the axis the shape moves). The weights are cached
+on disk, keyed by everything they depend on, and written atomically under a file lock so
+parallel trials build them once.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ SOURCE_SEED = 0
 SOURCE_OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01)
 # Bump when the recipe, a small model's architecture or the synthetic data change, so that no
 # cache built by older code is reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 def cache_dir() -> Path:

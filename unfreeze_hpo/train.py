@@ -179,6 +179,7 @@ def run(
             "trainable_ratio": status.trainable_ratio,
             "backbone_trainable_ratio": status.backbone_ratio,
             "unfrozen_blocks": float(plan.n_trainable),
+            **_latest_event(trial.blocks, monitor),
             "epoch_seconds": time.perf_counter() - started,
             **{f"lr/{name}": lr for name, lr in freezer.lrs().items()},
             **drift,
@@ -437,6 +438,19 @@ def _drift(trial: Trial, before: list[torch.Tensor], steps_taken: float) -> dict
         "drift_min_trainable": smallest if math.isfinite(smallest) else 0.0,
         "drift_stuck_groups": float(stuck),
         "drift_moved_frozen_groups": float(moved_frozen),
+    }
+
+
+def _latest_event(blocks: Blocks, monitor: SpikeMonitor) -> dict[str, float]:
+    """Where the latest unfreeze event happened, as numbers: its epoch and the index of the
+    deepest block it opened (-1 when there was none)."""
+    if not monitor.events:
+        return {"spike_event_epoch": -1.0, "spike_event_block": -1.0}
+    event = monitor.events[-1]
+    index = {b.name: b.index for b in blocks.blocks}
+    return {
+        "spike_event_epoch": float(event.epoch),
+        "spike_event_block": float(min(index[name] for name in event.blocks)),
     }
 
 

@@ -22,6 +22,7 @@ from unfreeze_hpo.data.files import (
 from unfreeze_hpo.data.spec import (
     AXES,
     COLOURS,
+    DIRECTIONS,
     GROUPS,
     KINDS,
     MOTIONS,
@@ -45,6 +46,7 @@ from unfreeze_hpo.errors import ConfigError, Problem
 __all__ = [
     "AXES",
     "COLOURS",
+    "DIRECTIONS",
     "GROUPS",
     "KINDS",
     "MOTIONS",

@@ -20,6 +20,7 @@ SHAPES = ("square", "disk", "ring", "cross")
 MOTIONS = ("right", "left", "down", "up")
 GROUPS = ("solid", "thin")  # square, disk are filled; ring, cross are drawn with thin strokes
 AXES = ("horizontal", "vertical")
+DIRECTIONS = ("right-or-down", "left-or-up")  # the way a shape moves along its axis
 COLOURS = ("warm", "cool")
 
 # torchvision's IMG_EXTENSIONS, given to ImageFolder too: check() agrees with it without
@@ -41,7 +42,7 @@ class DataConfig:
     kind: str = "synthetic_video"
     task: str = "target"  # synthetic kinds only: "source" (pretraining) or "target"
     root: str | None = None  # real kinds only
-    train_samples: int = 1024  # synthetic kinds only
+    train_samples: int = 512  # synthetic kinds only
     val_samples: int = 256  # synthetic kinds only
     frames: int = 4
     size: int = 32

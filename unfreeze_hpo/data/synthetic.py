@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from unfreeze_hpo.data.spec import (
     AXES,
     COLOURS,
+    DIRECTIONS,
     GROUPS,
     MOTIONS,
     SHAPES,
@@ -156,20 +157,25 @@ def _params(u: torch.Tensor, size: int) -> dict[str, torch.Tensor]:
 
 def _labels(u: torch.Tensor, video: bool, task: str) -> torch.Tensor:
     p = _params(u, 32)
-    if task == "source":
-        return p["shape"]
     group = p["shape"] // 2  # square, disk -> solid; ring, cross -> thin
-    if video:
-        return group * 2 + p["motion"] // 2  # right, left -> horizontal; down, up -> vertical
-    return group * 2 + p["family"]
+    if not video:  # images: source = shape; target = shape group x colour family
+        return p["shape"] if task == "source" else group * 2 + p["family"]
+    if task == "source":  # shape x motion axis (right, left -> horizontal; down, up -> vertical)
+        return p["shape"] * 2 + p["motion"] // 2
+    # Target: shape group x direction along the axis (right, down -> 0; left, up -> 1). The
+    # source backbone sees motion along an axis but was never asked which way it goes.
+    return group * 2 + p["motion"] % 2
 
 
 def class_names(kind: str, task: str) -> tuple[str, ...]:
     """Readable names of the synthetic classes, in label order."""
+    if kind == "synthetic_image":
+        if task == "source":
+            return SHAPES
+        return tuple(f"{g}/{c}" for g in GROUPS for c in COLOURS)
     if task == "source":
-        return SHAPES
-    second = AXES if kind == "synthetic_video" else COLOURS
-    return tuple(f"{group}/{other}" for group in GROUPS for other in second)
+        return tuple(f"{s}/{a}" for s in SHAPES for a in AXES)
+    return tuple(f"{g}/{d}" for g in GROUPS for d in DIRECTIONS)
 
 
 def _render(u: torch.Tensor, noise: torch.Tensor, size: int, video: bool) -> torch.Tensor:
