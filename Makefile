@@ -12,8 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/unfreeze-hpo blocks pytorchvideo:mvit_base_16x4 --num-classes 10 \
-		--strategy early_gradual --epochs 8
+	$(VENV)/bin/unfreeze-hpo search
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check unfreeze_hpo tests benchmarks

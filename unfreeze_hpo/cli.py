@@ -337,6 +337,81 @@ def _load_checked(path: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# search
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    from unfreeze_hpo.config import SearchConfig
+
+    # One option per SearchConfig field, so the command and the library cannot drift apart.
+    for f in dataclasses.fields(SearchConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is True:
+            p.add_argument(
+                f"--no-{f.name.replace('_', '-')}",
+                dest=f.name,
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help=f"skip: {f.metadata['help']}",
+            )
+        elif f.default is False:
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=f.metadata["help"],
+            )
+        else:
+            p.add_argument(
+                flag,
+                dest=f.name,
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {f.default})",
+            )
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.config import SearchConfig
+    from unfreeze_hpo.params import build
+    from unfreeze_hpo.search import PreflightFailed, run_search
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SearchConfig)
+        if hasattr(args, f.name)
+    }
+    problems: list[Problem] = []
+    cfg = build(SearchConfig, values, "search", problems)
+    if problems:
+        raise ConfigError(
+            [
+                dataclasses.replace(p, field="--" + p.field.split(".", 1)[1].replace("_", "-"))
+                for p in problems
+            ]
+        )
+    assert cfg is not None
+    try:
+        result = run_search(cfg)
+    except PreflightFailed:
+        print(
+            "the search did not start: fix what the preflight reports, or pass --no-preflight",
+            file=sys.stderr,
+        )
+        return 1
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    print(f"\ntrials: {counts}")
+    if result.best is None:
+        print("no trial completed")
+        return 1
+    print(f"best trial #{result.best.number}: {cfg.metric} {result.best.value:.4f}")
+    for key, value in sorted(result.best.params.items()):
+        print(f"    {key} = {value:.4g}" if isinstance(value, float) else f"    {key} = {value}")
+    print(f"results: {result.folder} (study {result.study_name!r} in {result.study_url})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -403,6 +478,11 @@ COMMANDS: dict[
     "validate": (cmd_validate, _config_arg, "check a task YAML and report every problem at once"),
     "train": (cmd_train, _train_args, "run one trial from a task YAML or exported schedule"),
     "check": (cmd_check, _check_args, "preflight: overfit a tiny subset and diagnose failures"),
+    "search": (
+        cmd_search,
+        _search_args,
+        "search unfreezing hyperparameters (default: a demo on the embedded default task)",
+    ),
 }
 
 

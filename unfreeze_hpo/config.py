@@ -23,6 +23,8 @@ from unfreeze_hpo.models import ModelSpec, parse_name
 from unfreeze_hpo.params import build, param
 from unfreeze_hpo.strategies import Strategy
 
+STUDY_FILE = "study.db"  # the durable Optuna study of a search, inside its folder
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -68,6 +70,40 @@ class ScheduleConfig:
 class SignalsConfig:
     baseline_steps: int = param(20, ge=1, help="steps before an unfreeze event for the baseline")
     window_steps: int = param(20, ge=1, help="steps after an unfreeze event that are watched")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How to search; the trial itself comes from ``base`` and the sampled space."""
+
+    name: str = param("demo", help="experiment name: a folder under storage_path")
+    storage_path: str = param("unfreeze-runs", help="where experiments are written")
+    space: str | None = param(None, help="search-space YAML; default search_spaces/all.yaml")
+    base: str | None = param(None, help="base trial YAML; default examples/embedded.yaml")
+    num_trials: int = param(32, ge=1, help="trials to run")
+    time_budget_s: float | None = param(None, gt=0, help="stop starting trials after this")
+    max_concurrent: int = param(2, ge=1, help="trials running at once")
+    cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
+    gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
+    metric: str = param("best_val_acc", help="what the search maximizes or minimizes")
+    mode: str = param("max", choices=("max", "min"), help="max or min")
+    scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
+    grace_period: int = param(4, ge=1, help="epochs before ASHA may stop a trial")
+    reduction_factor: float = param(2.0, gt=1, help="ASHA's halving rate")
+    study_storage: str | None = param(None, help="SQLAlchemy URL; default SQLite in the folder")
+    seed: int = param(0, ge=0, help="sampler seed")
+    recipes: bool = param(True, help="evaluate the field notes' recipes first")
+    preflight: bool = param(True, help="run the overfit check before any trial")
+    max_failures: int = param(1, ge=0, help="retries of a trial whose worker died")
+    address: str | None = param(None, help="Ray cluster address; default a local Ray")
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.storage_path).resolve() / self.name
+
+    @property
+    def study_url(self) -> str:
+        return self.study_storage or f"sqlite:///{self.folder / STUDY_FILE}"
 
 
 def _default_strategy() -> Strategy:

@@ -180,6 +180,7 @@ def run(
             "backbone_trainable_ratio": status.backbone_ratio,
             "unfrozen_blocks": float(plan.n_trainable),
             **_latest_event(trial.blocks, monitor),
+            "spike_window_steps": float(cfg.signals.window_steps),
             "epoch_seconds": time.perf_counter() - started,
             **{f"lr/{name}": lr for name, lr in freezer.lrs().items()},
             **drift,

@@ -1,0 +1,434 @@
+"""Spike-aware pruning: a TrialScheduler stopping trials whose latest unfreeze event went unstable.
+
+Signals inside the trial, decisions here: trials report numbers, this module says STOP and why.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import os
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+from unfreeze_hpo.errors import ConfigError, Problem
+from unfreeze_hpo.params import build, param
+from unfreeze_hpo.signals import NEUTRAL_METRICS
+
+logger = logging.getLogger(__name__)
+
+# Written next to Ray's experiment state (the driver staging dir, synced to the experiment dir):
+# Ray 2.60 never checkpoints the scheduler itself, so this file is how reasons survive a restore.
+REASONS_FILE = "prune_reasons.json"
+SCHEDULERS = ("asha", "fifo")
+
+
+@dataclass(frozen=True)
+class SpikeRule:
+    """Thresholds; a trial is stopped when its latest unfreeze event's window exceeds one."""
+
+    max_loss_ratio: float = param(
+        3.0, gt=1, help="max train loss / pre-event baseline in the window that stops the trial"
+    )
+    max_grad_ratio: float = param(
+        50.0, gt=1, help="max grad norm / pre-event baseline in the window that stops the trial"
+    )
+    max_nonfinite: int = param(1, ge=1, help="non-finite steps in the window that stop the trial")
+    require_recovery: bool = param(
+        True, help="stop when the window ended without the loss recovering"
+    )
+    window_steps: int = param(
+        20, ge=1, help="the trials' signals.window_steps; a reported spike_window_steps wins"
+    )
+    min_window_fraction: float = param(
+        1.0, gt=0, le=1, help="share of the window to observe before a missing recovery counts"
+    )
+    max_val_drop: float | None = param(
+        None, gt=0, help="validation drop across the event that stops the trial; none: off"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict: a pure function of one reported result
+
+
+def spike_verdict(result: Mapping[str, Any], rule: SpikeRule) -> str | None:
+    """The prune reason for this result, or None.
+
+    Judges the latest unfreeze event only (earlier ones were judged when they were latest).
+    Missing metrics read as their neutral values, so a result without an event never prunes.
+    """
+    if _value(result, "spike_events") < 1:
+        return None
+    where = _where(result)
+    nonfinite = _value(result, "spike_nonfinite")
+    if nonfinite >= rule.max_nonfinite:
+        plural = "" if nonfinite == 1 else "s"
+        return f"{_count(nonfinite)} non-finite step{plural} {where}"
+    loss = _value(result, "spike_loss_ratio")
+    if loss > rule.max_loss_ratio:
+        return f"loss x{_num(loss)} over baseline {where}"
+    grad = _value(result, "spike_grad_ratio")
+    if grad > rule.max_grad_ratio:
+        return f"grad norm x{_num(grad)} over baseline {where}"
+    steps = _unrecovered_steps(result, rule) if rule.require_recovery else None
+    if steps is not None:
+        return f"loss not back under baseline within {_count(steps)} steps {where}"
+    drop = _value(result, "spike_val_drop")
+    if rule.max_val_drop is not None and drop > rule.max_val_drop:
+        return f"validation metric down {_num(drop)} {where}"
+    return None
+
+
+def _value(result: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A reported number; absent or not a number reads as the neutral value."""
+    neutral = NEUTRAL_METRICS.get(key, -1.0) if default is None else default
+    try:
+        return float(result.get(key, neutral))
+    except (TypeError, ValueError):
+        return neutral
+
+
+def _unrecovered_steps(result: Mapping[str, Any], rule: SpikeRule) -> float | None:
+    """Window steps spent above the baseline, once enough of the window was seen; else None.
+
+    While not recovered, signals report spike_recovery_steps = window steps seen so far, so a
+    window still open (recovery still possible) is never judged.
+    """
+    if _value(result, "spike_recovered") > 0.5:
+        return None  # recovered, or no baseline to recover to
+    steps = _value(result, "spike_recovery_steps")
+    window = _value(result, "spike_window_steps", float(rule.window_steps))
+    # round() first: 0.3 * 20 is 6.000000000000001 and must need 6 steps, not 7.
+    needed = math.ceil(round(rule.min_window_fraction * window, 9))
+    return steps if steps >= needed else None
+
+
+def _where(result: Mapping[str, Any]) -> str:
+    block, epoch = _value(result, "spike_event_block"), _value(result, "spike_event_epoch")
+    if _is_index(block) and _is_index(epoch):
+        return f"after unfreezing block {int(block)} at epoch {int(epoch)}"
+    if _is_index(epoch):
+        return f"after the unfreeze at epoch {int(epoch)}"
+    return "after the latest unfreeze"
+
+
+def _is_index(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
+
+
+def _num(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def _count(value: float) -> str:
+    return str(int(value)) if math.isfinite(value) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reasons for stops made by the wrapped scheduler
+
+
+def _scheduler_name(base: Any) -> str:
+    return "asha" if isinstance(base, AsyncHyperBandScheduler) else type(base).__name__
+
+
+def _reached_max_t(base: Any, result: Mapping[str, Any]) -> bool:
+    """ASHA also says STOP when a trial reaches max_t: that is completion, not pruning."""
+    if not isinstance(base, AsyncHyperBandScheduler):
+        return False
+    time_attr = getattr(base, "_time_attr", "training_iteration")
+    now = _value(result, time_attr, -math.inf)
+    return bool(getattr(base, "_stop_last_trials", True)) and now >= getattr(base, "_max_t", 0)
+
+
+def _rung_reason(base: Any, trial: Trial, result: Mapping[str, Any]) -> str | None:
+    """Why ASHA would stop this result at a rung, computed before ASHA records the value.
+
+    Reads ASHA's private bookkeeping (Ray 2.60), so any mismatch falls back to None.
+    """
+    if not isinstance(base, AsyncHyperBandScheduler):
+        return None
+    asha: Any = base  # private attributes, untyped
+    try:
+        metric, sign = asha._metric, asha._metric_op
+        bracket = asha._trial_info[trial.trial_id]
+        now, value = result[asha._time_attr], result[metric]
+        for milestone, recorded in bracket._rungs:  # deepest rung first, as ASHA walks them
+            if now >= milestone and trial.trial_id in recorded and not asha._stop_last_trials:
+                return None
+            if now < milestone or trial.trial_id in recorded:
+                continue
+            cutoff = bracket.cutoff(recorded)
+            if cutoff is None:
+                return None
+            side = "below" if sign > 0 else "above"
+            return (
+                f"asha: {metric} {_num(value)} {side} the rung cutoff {_num(sign * cutoff)} "
+                f"at {_when(result)}"
+            )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def _when(result: Mapping[str, Any]) -> str:
+    epoch = _value(result, "epoch")
+    if _is_index(epoch):
+        return f"epoch {int(epoch)}"
+    return f"iteration {_count(_value(result, 'training_iteration'))}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence of reasons
+
+
+def read_reasons(experiment_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """trial_id -> prune reason saved in an experiment directory ({} when there are none)."""
+    path = Path(experiment_dir) / REASONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read %s: %s: %s", path, type(exc).__name__, exc)
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {str(k): str(v) for k, v in saved.items()}
+
+
+def _write_reasons(folder: str, reasons: Mapping[str, str]) -> None:
+    path = Path(folder) / REASONS_FILE
+    # Not *.json: Ray's restore downloads *.json/*.pkl, and a half-written temp must not travel.
+    tmp = path.with_name(f".{REASONS_FILE}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dict(reasons), indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        # Losing the file must not stop the search; the reasons stay in memory.
+        logger.warning("cannot save prune reasons to %s: %s: %s", path, type(exc).__name__, exc)
+
+
+def _staging_dir(trial: Trial) -> str | None:
+    """The experiment's driver staging dir, which Ray syncs up and restores; None for stubs."""
+    storage: Any = getattr(trial, "storage", None)  # None for stub trials
+    folder = getattr(storage, "experiment_driver_staging_path", None)
+    return str(folder) if folder else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler
+
+
+class SpikeAwareScheduler(TrialScheduler):
+    """Wraps another TrialScheduler (ASHA by default, or FIFO); STOP with a reason when
+    spike_verdict says so, otherwise defers to the wrapped scheduler for every callback.
+
+    ``reasons`` maps trial_id -> why it was stopped early: spike verdicts, and early stops of
+    the wrapped scheduler (not ASHA's stop at max_t, which is completion).
+    """
+
+    def __init__(
+        self,
+        rule: SpikeRule | None = None,
+        base: TrialScheduler | None = None,
+        *,
+        metric: str | None = None,
+        mode: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.rule = rule if rule is not None else SpikeRule()
+        self.reasons: dict[str, str] = {}
+        self._mode: str | None = None
+        self._loaded_from: str | None = None
+        if base is None:
+            self._base: Any = AsyncHyperBandScheduler(metric=metric, mode=mode)
+        else:
+            self._base = base
+            given = metric is not None or mode is not None
+            if given and not self.set_search_properties(metric, mode):
+                raise ValueError(
+                    f"{type(base).__name__} already has a metric or mode; give them once"
+                )
+
+    @property
+    def base(self) -> TrialScheduler:
+        return self._base
+
+    # -- search properties ---------------------------------------------------------------------
+
+    @property
+    def metric(self) -> str | None:
+        return self._base.metric
+
+    @property
+    def mode(self) -> str | None:
+        base_mode = getattr(self._base, "_mode", None)
+        return base_mode if base_mode is not None else self._mode
+
+    @property
+    def supports_buffered_results(self) -> bool:
+        return bool(self._base.supports_buffered_results)
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        # make_scheduler sets metric/mode and search.py passes the same to TuneConfig; Ray's
+        # schedulers call any second value a conflict, the same value twice is not one.
+        if metric is not None and metric == self.metric:
+            metric = None
+        if mode is not None and mode == self.mode:
+            mode = None
+        if not self._base.set_search_properties(metric, mode, **spec):
+            return False
+        if mode is not None:
+            self._mode = mode
+        return True
+
+    # -- trial callbacks -----------------------------------------------------------------------
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        # On a restore, Ray syncs the experiment files down and then adds every trial here.
+        self._load(trial)
+        self._base.on_trial_add(tune_controller, trial)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        self._base.on_trial_error(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        reason = spike_verdict(result, self.rule)
+        if reason is not None:
+            # The wrapped scheduler does not see this result: the trial is already decided,
+            # and it still gets on_trial_complete with the final result.
+            self._record(trial, reason)
+            return str(TrialScheduler.STOP)
+        peeked = _rung_reason(self._base, trial, result)
+        decision = self._base.on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and not _reached_max_t(self._base, result):
+            fallback = f"{_scheduler_name(self._base)}: early stopped at {_when(result)}"
+            self._record(trial, peeked or fallback)
+        return str(decision)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> None:
+        self._base.on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        self._base.on_trial_remove(tune_controller, trial)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        return self._base.choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        return f"{self._base.debug_string()}\nSpike-aware pruning: {len(self.reasons)} stopped."
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def save(self, checkpoint_path: str) -> None:
+        """Pickle the whole scheduler state (wrapped scheduler and reasons included)."""
+        with open(checkpoint_path, "wb") as out:
+            pickle.dump(self.__dict__, out)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as inp:
+            self.__dict__.update(pickle.load(inp))
+
+    # -- reasons -------------------------------------------------------------------------------
+
+    def _record(self, trial: Trial, reason: str) -> None:
+        self._load(trial)
+        if trial.trial_id in self.reasons:
+            return  # the first reason stands (a stopped trial can still send a final result)
+        self.reasons[trial.trial_id] = reason
+        logger.info("trial %s stopped: %s", trial.trial_id, reason)
+        folder = _staging_dir(trial)
+        if folder is not None:
+            _write_reasons(folder, self.reasons)
+
+    def _load(self, trial: Trial) -> None:
+        """Merge reasons saved by an earlier run of this experiment, once per experiment dir."""
+        folder = _staging_dir(trial)
+        if folder is None or folder == self._loaded_from:
+            return
+        self._loaded_from = folder
+        for trial_id, reason in read_reasons(folder).items():
+            self.reasons.setdefault(trial_id, reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction from config values
+
+
+def spike_rule_from_dict(values: Mapping[str, Any] | None) -> SpikeRule:
+    """SpikeRule from YAML/CLI values; every problem at once as ConfigError (pruning.<field>)."""
+    problems: list[Problem] = []
+    rule = build(SpikeRule, values, "pruning", problems)
+    if problems or rule is None:
+        raise ConfigError(problems)
+    return rule
+
+
+@dataclass(frozen=True)
+class _AshaArgs:
+    """ASHA's arguments checked as config: ASHA only asserts them (gone under python -O)."""
+
+    max_t: int = param(100, ge=1, help="training iterations (epochs) a trial runs at most")
+    grace_period: int = param(1, ge=1, help="iterations before a trial can be stopped")
+    reduction_factor: float = param(4.0, gt=1, help="1 / share of trials promoted at a rung")
+
+
+def make_scheduler(
+    kind: str,
+    rule: SpikeRule | None,
+    *,
+    metric: str,
+    mode: str,
+    max_t: int,
+    grace_period: int,
+    reduction_factor: float,
+) -> TrialScheduler:
+    """The spike-aware scheduler over ASHA (rungs in training iterations = epochs) or FIFO.
+
+    ``rule`` None uses SpikeRule's defaults. Bad values raise ConfigError (``pruning.<field>``).
+    """
+    problems: list[Problem] = []
+    if kind not in SCHEDULERS:
+        close = difflib.get_close_matches(str(kind).lower(), SCHEDULERS, n=1)
+        fix = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SCHEDULERS)}"
+        problems.append(Problem("pruning.scheduler", kind, "unknown scheduler", fix))
+    if mode not in ("min", "max"):
+        problems.append(Problem("mode", mode, "unknown mode", "use max or min"))
+    values = {"max_t": max_t, "grace_period": grace_period, "reduction_factor": reduction_factor}
+    asha = build(_AshaArgs, values, "pruning", problems) if kind == "asha" else None
+    if kind == "asha" and _greater(grace_period, max_t):
+        problems.append(
+            Problem("pruning.grace_period", grace_period, f"exceeds max_t ({max_t})", "lower it")
+        )
+    if problems:
+        raise ConfigError(problems)
+    if asha is None:
+        return SpikeAwareScheduler(rule, FIFOScheduler(), metric=metric, mode=mode)
+    base = AsyncHyperBandScheduler(
+        time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
+        max_t=asha.max_t,
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
+    return SpikeAwareScheduler(rule, base)
+
+
+def _greater(a: Any, b: Any) -> bool:
+    """a > b for numbers (or numeric strings); False when either is not one."""
+    try:
+        return float(a) > float(b)
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,358 @@
+"""A search: Ray Tune runs the trials, OptunaSearch samples them, a spike-aware scheduler prunes.
+
+The searcher keeps its state in Ray's experiment snapshot, so ``Tuner.restore`` resumes it; the
+durable Optuna study (SQLite by default) is written by a driver-side callback when a trial ends,
+once per Ray trial id, so it never holds a RUNNING trial and a restore never writes twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from unfreeze_hpo import config as config_module
+from unfreeze_hpo.config import SearchConfig, TrialConfig
+from unfreeze_hpo.errors import ConfigError, Problem
+from unfreeze_hpo.pruning import SpikeRule, make_scheduler
+from unfreeze_hpo.space import SearchSpace, default_space, load_space
+from unfreeze_hpo.train import Log
+from unfreeze_hpo.trainable import run_trial
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@dataclass
+class SearchOutcome:
+    folder: Path
+    study_url: str
+    study_name: str
+    best: optuna.trial.FrozenTrial | None
+    counts: dict[str, int]
+
+
+def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
+    """The base trial config and the search space, every problem reported at once."""
+    problems: list[Problem] = []
+    base = space = None
+    try:
+        base = config_module.load(cfg.base or EXAMPLES / "embedded.yaml")
+    except ConfigError as exc:
+        problems += exc.problems
+    try:
+        space = load_space(cfg.space) if cfg.space else default_space()
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    assert base is not None and space is not None
+    return _absolute_paths(base), space
+
+
+def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
+    """Run (or resume) the search ``cfg`` describes and return where its results are."""
+    base, space = load_inputs(cfg)
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    if cfg.preflight:
+        _preflight(base, log)
+    if base.model.pretrain_on_source:  # once here, rather than every trial waiting on the lock
+        from unfreeze_hpo.embedded import source_checkpoint
+
+        source_checkpoint(base, log)
+    _start_ray(cfg)
+    base_values = base.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base_values,
+            space=space,
+            metric=cfg.metric,
+            threads=max(1, int(cfg.cpus_per_trial)),
+        ),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+    )
+    path = str(cfg.folder / "ray")
+    if tune.Tuner.can_restore(path):
+        log(f"resuming the search in {cfg.folder}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, base, space, trainable)
+    started = time.perf_counter()
+    tuner.fit()
+    log(f"search finished in {time.perf_counter() - started:.0f}s")
+    return outcome(cfg)
+
+
+def outcome(cfg: SearchConfig) -> SearchOutcome:
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    best = study.best_trial if counts["complete"] else None  # optuna knows the direction
+    return SearchOutcome(cfg.folder, cfg.study_url, cfg.name, best, counts)
+
+
+def _new_tuner(
+    cfg: SearchConfig, base: TrialConfig, space: SearchSpace, trainable: Any
+) -> tune.Tuner:
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed,
+        multivariate=True,
+        constant_liar=True,
+        n_startup_trials=min(8, cfg.num_trials),
+    )
+    recipes = [flat for _, flat in space.recipes()] if cfg.recipes else None
+    searcher = OptunaSearch(
+        space=space.define_by_run,
+        sampler=sampler,
+        points_to_evaluate=recipes or None,
+        seed=cfg.seed,
+        # A define-by-run space refuses Tune's set_search_properties: metric and mode go here.
+        metric=cfg.metric,
+        mode=cfg.mode,
+    )
+    scheduler = make_scheduler(
+        cfg.scheduler,
+        SpikeRule(),
+        metric=cfg.metric,
+        mode=cfg.mode,
+        max_t=base.epochs,
+        grace_period=min(cfg.grace_period, base.epochs),
+        reduction_factor=cfg.reduction_factor,
+    )
+    recorder = StudyRecorder(cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.num_trials,
+            max_concurrent_trials=cfg.max_concurrent,
+            time_budget_s=cfg.time_budget_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="ray",
+            storage_path=str(cfg.folder),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[recorder, ProgressPrinter(cfg.metric, cfg.num_trials, scheduler)],
+            verbose=0,
+        ),
+    )
+
+
+class StudyRecorder(tune.Callback):
+    """Writes each ended Ray trial into the durable Optuna study exactly once."""
+
+    def __init__(
+        self, url: str, name: str, metric: str, mode: str, space: SearchSpace, scheduler: Any
+    ) -> None:
+        self.url, self.name, self.metric, self.mode = url, name, metric, mode
+        self.space, self.scheduler = space, scheduler
+        self.curves: dict[str, dict[int, float]] = {}
+        self.last: dict[str, dict[str, Any]] = {}
+
+    def setup(
+        self,
+        stop: Any = None,
+        num_samples: int | None = None,
+        total_num_samples: int | None = None,
+        **info: Any,
+    ) -> None:
+        self._study()  # create it before the first trial, so readers find it
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
+    ) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            self.curves.setdefault(trial.trial_id, {})[int(result["training_iteration"])] = value
+        self.last[trial.trial_id] = dict(result)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        reason = getattr(self.scheduler, "reasons", {}).get(trial.trial_id)
+        state = optuna.trial.TrialState.PRUNED if reason else optuna.trial.TrialState.COMPLETE
+        self._record(trial, state, reason)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        error = getattr(trial, "error_msg", None) or "the trial raised (see its error.txt)"
+        self._record(trial, optuna.trial.TrialState.FAIL, _first_line(error))
+
+    def _study(self) -> optuna.Study:
+        direction = (
+            optuna.study.StudyDirection.MAXIMIZE
+            if self.mode == "max"
+            else optuna.study.StudyDirection.MINIMIZE
+        )
+        return optuna.create_study(
+            storage=self.url, study_name=self.name, direction=direction, load_if_exists=True
+        )
+
+    def _record(self, trial: Any, state: optuna.trial.TrialState, reason: str | None) -> None:
+        study = self._study()
+        if any(
+            t.user_attrs.get("ray_trial_id") == trial.trial_id
+            for t in study.get_trials(deepcopy=False)
+        ):
+            return  # already written before a driver restart
+        curve = self.curves.get(trial.trial_id) or _curve_from(trial, self.metric)
+        last = self.last.get(trial.trial_id) or dict(getattr(trial, "last_result", {}) or {})
+        value = None
+        if state != optuna.trial.TrialState.FAIL and curve:
+            values = list(curve.values())
+            value = max(values) if self.mode == "max" else min(values)
+        if state == optuna.trial.TrialState.COMPLETE and value is None:
+            state, reason = optuna.trial.TrialState.FAIL, reason or "no finite metric reported"
+        distributions = self.space.distributions()
+        params = {k: v for k, v in trial.config.items() if k in distributions}
+        attrs = {
+            "ray_trial_id": trial.trial_id,
+            "status": state.name.lower(),
+            "reason": reason or "",
+            "config": {k: v for k, v in trial.config.items()},
+            "final": {
+                k: v
+                for k, v in last.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            },
+            "trial_dir": str(getattr(trial, "local_path", "") or ""),
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                value=value if state != optuna.trial.TrialState.FAIL else None,
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                user_attrs=attrs,
+                intermediate_values=curve if state != optuna.trial.TrialState.FAIL else {},
+            )
+        )
+
+
+class ProgressPrinter(tune.Callback):
+    """One line when a trial starts or ends, and a compact table of running trials each minute."""
+
+    def __init__(self, metric: str, total: int, scheduler: Any, every_s: float = 60.0) -> None:
+        self.metric, self.total, self.every_s = metric, total, every_s
+        self.scheduler = scheduler
+        self.ended = 0
+        self.latest: dict[str, dict[str, Any]] = {}
+        self.next_table = time.monotonic() + every_s
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        print(f"[search] start  {trial.trial_id}  {_describe(trial.config)}", flush=True)
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
+    ) -> None:
+        self.latest[trial.trial_id] = result
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._ended(trial, "FAILED")
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if time.monotonic() < self.next_table:
+            return
+        self.next_table = time.monotonic() + self.every_s
+        running = [t for t in trials if t.status == "RUNNING"]
+        print(
+            f"[search] {self.ended}/{self.total} trials ended, {len(running)} running", flush=True
+        )
+        for t in running:
+            r = self.latest.get(t.trial_id, {})
+            print(
+                f"           {t.trial_id}  epoch {int(r.get('epoch', -1)) + 1:>3}  "
+                f"{self.metric} {r.get(self.metric, float('nan')):.3f}  trainable "
+                f"{100 * r.get('backbone_trainable_ratio', 0):.0f}%  spike "
+                f"x{r.get('spike_worst_loss_ratio', 1):.2f}",
+                flush=True,
+            )
+
+    def _ended(self, trial: Any, how: str) -> None:
+        self.ended += 1
+        r = self.latest.get(trial.trial_id, {})
+        epochs = int(r.get("epoch", -1)) + 1
+        print(
+            f"[search] {how:6s} {trial.trial_id}  {self.metric} "
+            f"{r.get(self.metric, float('nan')):.3f} after {epochs} epochs  "
+            f"({self.ended}/{self.total})",
+            flush=True,
+        )
+
+
+def _describe(config: Mapping[str, Any]) -> str:
+    def short(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in sorted(config.items()))
+
+
+def _curve_from(trial: Any, metric: str) -> dict[int, float]:
+    last = getattr(trial, "last_result", None) or {}
+    value = last.get(metric)
+    if isinstance(value, int | float) and math.isfinite(value):
+        return {int(last.get("training_iteration", 1)): float(value)}
+    return {}
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    # Ray's error text ends with the exception line; that is the reason worth keeping.
+    return lines[-1] if lines else "(no message)"
+
+
+def _preflight(base: TrialConfig, log: Log) -> None:
+    from unfreeze_hpo.preflight import preflight
+
+    log("preflight: overfitting 16 training samples before any trial ...")
+    result = preflight(
+        base.replace(model=dataclasses.replace(base.model, pretrain_on_source=False)),
+        log=lambda _: None,
+    )
+    log(result.report())
+    if not result.passed:
+        raise PreflightFailed(result.report())
+
+
+class PreflightFailed(Exception):
+    """The overfit check failed: the search does not start."""
+
+
+def _start_ray(cfg: SearchConfig) -> None:
+    # Ray's own progress output and snapshot warnings would drown the search's lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def _absolute_paths(base: TrialConfig) -> TrialConfig:
+    """Trials run in other working directories: make the paths in the base config absolute."""
+    data = base.data
+    if data.root:
+        data = dataclasses.replace(data, root=str(Path(data.root).resolve()))
+    model = base.model
+    if model.checkpoint:
+        model = dataclasses.replace(model, checkpoint=str(Path(model.checkpoint).resolve()))
+    return base.replace(data=data, model=model)

@@ -1,0 +1,80 @@
+"""The Ray Tune function trainable: a sampled config dict -> one trial of ``train.run``.
+
+Each epoch's metrics go to ``tune.report`` with the trial's checkpoint, so a worker that dies is
+retried from its last epoch; the objective is always a finite number or the trial fails.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from unfreeze_hpo import train
+from unfreeze_hpo.config import TrialConfig, from_dict
+from unfreeze_hpo.space import SearchSpace
+
+CARRIED = (train.CHECKPOINT, "metrics.jsonl")  # what a Ray checkpoint of a trial holds
+
+
+def run_trial(
+    config: dict[str, Any],
+    *,
+    base: Mapping[str, Any],
+    space: SearchSpace,
+    metric: str,
+    threads: int = 1,
+) -> None:
+    """Train the trial ``config`` (as sampled by OptunaSearch) on top of ``base``."""
+    torch.set_num_threads(max(1, threads))
+    context = tune.get_context()
+    work = Path(context.get_trial_dir()) / "work"
+    cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
+    resume = _restore_checkpoint(work)
+    log_file = (work / "train.log").open("a")
+
+    def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if not math.isfinite(metrics.get(metric, math.nan)):
+            # A NaN objective would leave the Optuna trial unfinished; fail the trial instead.
+            raise train.TrialFailed(
+                "nonfinite_metric",
+                f"{metric} is {metrics.get(metric)}",
+                int(metrics["epoch"]),
+                int(metrics["step"]),
+            )
+        with tempfile.TemporaryDirectory() as folder:
+            for name in CARRIED:
+                shutil.copy2(work / name, folder)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    try:
+        train.run(
+            cfg, report, resume=resume, log=lambda line: print(line, file=log_file, flush=True)
+        )
+    finally:
+        log_file.close()
+
+
+def _restore_checkpoint(work: Path) -> bool:
+    """Copy the trial's last Ray checkpoint into its work folder; True if there was one."""
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        for name in CARRIED:
+            shutil.copy2(Path(folder) / name, work / name)
+    return True
+
+
+def trial_config_of(
+    base: Mapping[str, Any], space: SearchSpace, flat: Mapping[str, Any]
+) -> TrialConfig:
+    """The TrialConfig a sampled flat dict stands for (used by the driver for records)."""
+    return space.trial_config(from_dict(base), flat)
