@@ -90,6 +90,22 @@ class SearchConfig:
     scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
     grace_period: int = param(4, ge=1, help="epochs before ASHA may stop a trial")
     reduction_factor: float = param(2.0, gt=1, help="ASHA's halving rate")
+    prune_loss_ratio: float = param(
+        3.0,
+        gt=1,
+        help="prune when the loss after an unfreeze exceeds this multiple of its baseline",
+    )
+    prune_grad_ratio: float = param(
+        50.0,
+        gt=1,
+        help="prune when the grad norm after an unfreeze exceeds this multiple of its baseline",
+    )
+    prune_nonfinite: int = param(
+        1, ge=1, help="prune at this many non-finite steps after an unfreeze"
+    )
+    prune_unrecovered: bool = param(
+        True, help="prune when the loss is not back under its baseline by the end of the window"
+    )
     study_storage: str | None = param(None, help="SQLAlchemy URL; default SQLite in the folder")
     seed: int = param(0, ge=0, help="sampler seed")
     recipes: bool = param(True, help="evaluate the field notes' recipes first")

@@ -122,7 +122,13 @@ def _new_tuner(
     )
     scheduler = make_scheduler(
         cfg.scheduler,
-        SpikeRule(),
+        SpikeRule(
+            max_loss_ratio=cfg.prune_loss_ratio,
+            max_grad_ratio=cfg.prune_grad_ratio,
+            max_nonfinite=cfg.prune_nonfinite,
+            require_recovery=cfg.prune_unrecovered,
+            window_steps=base.signals.window_steps,
+        ),
         metric=cfg.metric,
         mode=cfg.mode,
         max_t=base.epochs,
