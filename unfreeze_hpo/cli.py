@@ -352,7 +352,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                 dest=f.name,
                 action="store_false",
                 default=argparse.SUPPRESS,
-                help=f"skip: {f.metadata['help']}",
+                help=f"turn off: {f.metadata['help']}",
             )
         elif f.default is False:
             p.add_argument(
@@ -363,11 +363,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
                 help=f.metadata["help"],
             )
         else:
+            shown = "" if f.default is None else f" (default: {f.default})"
             p.add_argument(
-                flag,
-                dest=f.name,
-                default=argparse.SUPPRESS,
-                help=f"{f.metadata['help']} (default: {f.default})",
+                flag, dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']}{shown}"
             )
 
 
