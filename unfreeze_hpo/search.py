@@ -193,8 +193,7 @@ class StudyRecorder(tune.Callback):
         self._record(trial, state, reason)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        error = getattr(trial, "error_msg", None) or "the trial raised (see its error.txt)"
-        self._record(trial, optuna.trial.TrialState.FAIL, _first_line(error))
+        self._record(trial, optuna.trial.TrialState.FAIL, error_reason(trial))
 
     def _study(self) -> optuna.Study:
         direction = (
@@ -266,10 +265,11 @@ class ProgressPrinter(tune.Callback):
         self.latest[trial.trial_id] = result
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ended(trial, "done")
+        reason = getattr(self.scheduler, "reasons", {}).get(trial.trial_id)
+        self._ended(trial, "pruned" if reason else "done", f": {reason}" if reason else "")
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._ended(trial, "FAILED")
+        self._ended(trial, "FAILED", f": {error_reason(trial)}")
 
     def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
         if time.monotonic() < self.next_table:
@@ -289,14 +289,14 @@ class ProgressPrinter(tune.Callback):
                 flush=True,
             )
 
-    def _ended(self, trial: Any, how: str) -> None:
+    def _ended(self, trial: Any, how: str, why: str) -> None:
         self.ended += 1
         r = self.latest.get(trial.trial_id, {})
         epochs = int(r.get("epoch", -1)) + 1
         print(
             f"[search] {how:6s} {trial.trial_id}  {self.metric} "
             f"{r.get(self.metric, float('nan')):.3f} after {epochs} epochs  "
-            f"({self.ended}/{self.total})",
+            f"({self.ended}/{self.total}){why}",
             flush=True,
         )
 
@@ -316,10 +316,22 @@ def _curve_from(trial: Any, metric: str) -> dict[int, float]:
     return {}
 
 
-def _first_line(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    # Ray's error text ends with the exception line; that is the reason worth keeping.
-    return lines[-1] if lines else "(no message)"
+def error_reason(trial: Any) -> str:
+    """The exception that ended a trial, as "Type: message" (never an empty string)."""
+    try:
+        error = trial.get_pickled_error()
+    except Exception:  # an unreadable error file must not stop the search
+        error = None
+    cause = getattr(error, "cause", None) or error  # RayTaskError wraps the trial's exception
+    if cause is not None:
+        message = str(cause).strip().splitlines()
+        return f"{type(cause).__name__}: {message[0] if message else '(no message)'}"
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).is_file():
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        if lines:
+            return lines[-1]  # a traceback ends with the exception line
+    return "the trial raised an error (no error file was written)"
 
 
 def _preflight(base: TrialConfig, log: Log) -> None:
