@@ -372,7 +372,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from unfreeze_hpo.config import SearchConfig
     from unfreeze_hpo.params import build
-    from unfreeze_hpo.search import PreflightFailed, run_search
+    from unfreeze_hpo.search import PreflightFailed, load_inputs, run_search
 
     values = {
         f.name: getattr(args, f.name)
@@ -381,13 +381,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     }
     problems: list[Problem] = []
     cfg = build(SearchConfig, values, "search", problems)
+    problems = [
+        dataclasses.replace(p, field="--" + p.field.split(".", 1)[1].replace("_", "-"))
+        for p in problems
+    ]
+    try:  # the space and base files too, so one run reports every problem
+        load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
+    except ConfigError as exc:
+        problems += exc.problems
     if problems:
-        raise ConfigError(
-            [
-                dataclasses.replace(p, field="--" + p.field.split(".", 1)[1].replace("_", "-"))
-                for p in problems
-            ]
-        )
+        raise ConfigError(problems)
     assert cfg is not None
     try:
         result = run_search(cfg)

@@ -43,6 +43,10 @@ class TrialFailed(UnfreezeHPOError):
         self.reason, self.detail, self.epoch, self.step = reason, detail, epoch, step
         super().__init__(f"{reason} at epoch {epoch}, step {step}: {detail}")
 
+    def __reduce__(self) -> tuple[Any, tuple[str, str, int, int]]:
+        # Ray copies and pickles a trial's exception; the default would lose the arguments.
+        return type(self), (self.reason, self.detail, self.epoch, self.step)
+
 
 @dataclass
 class Summary:

@@ -1,0 +1,512 @@
+"""Integration tests of the search: real Ray Tune runs on a tiny task, the durable Optuna study,
+resume after a killed driver, failing trials, preflight and the ``search`` command.
+
+Order matters: the resume test starts its own Ray in subprocesses, so it runs first, before the
+module's ``ray_session`` fixture starts an in-process Ray that holds the 2 cores until the module
+ends. Tests that need no Ray come next, the in-process searches last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+import pickle
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pytest
+import ray
+
+from unfreeze_hpo.cli import main
+from unfreeze_hpo.config import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search import PreflightFailed, StudyRecorder, run_search
+from unfreeze_hpo.space import load_space
+
+State = optuna.trial.TrialState
+TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
+
+# frozen_norm_eval: false keeps BatchNorm in train mode throughout: without pretraining, the
+# switch from eval-mode (initial) running stats at an unfreeze jumps the loss x2.3 whatever the
+# LR, and the spike test would not tell aggressive schedules from gentle ones.
+TINY_BASE = """\
+model: {name: "pytorchvideo:resnet3d_tiny", pretrain_on_source: false}
+data: {kind: synthetic_video, train_samples: 64, val_samples: 32}
+epochs: 4
+batch_size: 16
+signals: {baseline_steps: 4, window_steps: 4}
+schedule: {kind: constant}
+frozen_norm_eval: false
+"""
+
+# Optimizer fields are common to all branches, so the branches differ by schedule: fixed opens
+# all 5 blocks at epoch 2, early_gradual opens only the last one (target_ratio <= 0.7) at epoch 1.
+# Measured loss ratios over the whole backbone_lr_mult range: fixed 1.61-3.24, early_gradual
+# 0.88-1.10; the search prunes above 1.3.
+SPIKY_SPACE = """\
+strategy: [fixed, early_gradual]
+strategies:
+  fixed:
+    phases: [[0, 0], [2, 5]]
+  early_gradual:
+    freeze_epochs: 1
+    blocks_per_epoch: 1
+    target_ratio: {type: float, low: 0.2, high: 0.7}
+common:
+  optimizer.lr: 3e-2
+  optimizer.backbone_lr_mult: {type: float, low: 0.1, high: 50.0, log: true}
+  optimizer.unfreeze_warmup_steps: 8
+"""
+PRUNE_LOSS_RATIO = 1.3
+
+# AdamW at lr 1e37 makes the head's logits overflow from the first step: non-finite training
+# losses (skipped steps) and a NaN val_loss from epoch 0 on; no unfreeze, so no spike pruning.
+BLOWUP_LR = 1e37
+BLOWUP_SPACE = f"""\
+strategy: frozen
+common:
+  optimizer.lr: {{type: categorical, choices: [3e-2, {BLOWUP_LR:g}]}}
+"""
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def search_config(folder: Path, name: str, base: Path, space: Path, **changes: Any) -> SearchConfig:
+    values: dict[str, Any] = {
+        "name": name,
+        "storage_path": str(folder / "runs"),
+        "base": str(base),
+        "space": str(space),
+        "max_concurrent": 2,
+        "cpus_per_trial": 1,
+        "scheduler": "fifo",
+        "preflight": False,
+        **changes,
+    }
+    return SearchConfig(**values)
+
+
+def recorded(cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials; none when the search never created its study."""
+    if not (cfg.folder / STUDY_FILE).exists():
+        return []
+    try:
+        study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
+    except KeyError:
+        return []
+    return study.get_trials()
+
+
+def assert_durable(trials: list[optuna.trial.FrozenTrial], count: int) -> None:
+    assert len(trials) == count
+    assert {t.state for t in trials} <= TERMINAL, [t.state for t in trials]
+    ids = [t.user_attrs["ray_trial_id"] for t in trials]
+    assert len(set(ids)) == count, ids
+    for t in trials:
+        assert t.user_attrs["status"] == t.state.name.lower()
+        if t.state != State.COMPLETE:
+            assert t.user_attrs["reason"], t.user_attrs
+
+
+@pytest.fixture
+def base_file(tmp_path: Path) -> Path:
+    return write(tmp_path / "base.yaml", TINY_BASE)
+
+
+@pytest.fixture
+def spiky_space_file(tmp_path: Path) -> Path:
+    return write(tmp_path / "spiky.yaml", SPIKY_SPACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume after the driver is killed (own Ray per subprocess: must run before ray_session)
+
+
+def session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_session(sid: int, grace_s: float) -> list[int]:
+    """Wait up to grace_s for the session to empty, then SIGKILL what is left; the leftovers."""
+    deadline = time.monotonic() + grace_s
+    while (left := session_pids(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
+
+
+def count_recorded(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM trials").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
+    tmp_path: Path, base_file: Path, spiky_space_file: Path
+) -> None:
+    assert not ray.is_initialized(), "runs before the module's in-process Ray (see docstring)"
+    cfg = search_config(tmp_path, "resume", base_file, spiky_space_file, num_trials=8)
+    command = [
+        sys.executable,
+        "-m",
+        "unfreeze_hpo.cli",
+        "search",
+        *("--name", cfg.name, "--storage-path", cfg.storage_path),
+        *("--base", str(base_file), "--space", str(spiky_space_file)),
+        *("--num-trials", "8", "--max-concurrent", "2", "--cpus-per-trial", "1"),
+        *("--scheduler", "fifo", "--prune-loss-ratio", str(PRUNE_LOSS_RATIO), "--no-preflight"),
+    ]
+    db = cfg.folder / STUDY_FILE
+    sessions: list[int] = []
+    try:
+        with (tmp_path / "first.log").open("w") as log:
+            first = subprocess.Popen(
+                command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            sessions.append(first.pid)
+            deadline = time.monotonic() + 120
+            while count_recorded(db) < 2 and first.poll() is None:
+                assert time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+                time.sleep(0.25)
+            assert first.poll() is None, "the first run ended before it could be killed"
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+        reap_session(first.pid, grace_s=10)
+        before = {t.user_attrs["ray_trial_id"]: (t.state, t.value) for t in recorded(cfg)}
+        assert 2 <= len(before) < 8
+        assert (cfg.folder / "ray").is_dir()
+
+        with (tmp_path / "second.log").open("w") as log:
+            second = subprocess.Popen(
+                command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            sessions.append(second.pid)
+            code = second.wait(timeout=300)
+        output = (tmp_path / "second.log").read_text()
+        assert code == 0, output
+        assert "resuming the search" in output
+        assert not any(line.startswith("error:") for line in output.splitlines()), output
+        assert reap_session(second.pid, grace_s=20) == [], "Ray outlived the finished search"
+    finally:
+        for sid in sessions:
+            reap_session(sid, grace_s=0)
+
+    trials = recorded(cfg)
+    assert_durable(trials, 8)
+    after = {t.user_attrs["ray_trial_id"]: (t.state, t.value) for t in trials}
+    assert {k: after.get(k) for k in before} == before
+
+
+# ---------------------------------------------------------------------------------------------
+# No Ray needed
+
+
+def test_recorder_writes_a_trial_once_per_ray_trial_id(
+    tmp_path: Path, spiky_space_file: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / STUDY_FILE}"
+    space = load_space(spiky_space_file)
+    scheduler = SimpleNamespace(reasons={"t1": "loss x9 over baseline after unfreezing block 0"})
+    recorder = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
+    recorder.setup()
+    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
+    trial = SimpleNamespace(
+        trial_id="t1",
+        config=config,
+        last_result={"best_val_acc": 0.5, "training_iteration": 3, "val_loss": math.nan},
+        local_path=str(tmp_path / "t1"),
+    )
+    for iteration, acc in ((1, 0.25), (2, 0.5), (3, 0.375)):
+        result = {"best_val_acc": acc, "training_iteration": iteration}
+        recorder.on_trial_result(iteration, [], trial, result)
+    recorder.on_trial_complete(3, [], trial)
+    recorder.on_trial_complete(3, [], trial)
+    recorder._record(trial, State.COMPLETE, None)
+    recorder.on_trial_error(3, [], trial)
+
+    again = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
+    again.on_trial_complete(3, [], trial)
+    (only,) = optuna.load_study(study_name="unit", storage=url).get_trials()
+    assert only.state == State.PRUNED
+    assert only.value == 0.5
+    assert only.intermediate_values == {1: 0.25, 2: 0.5, 3: 0.375}
+    assert only.params == {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0}
+    assert only.user_attrs["ray_trial_id"] == "t1"
+    assert only.user_attrs["reason"] == scheduler.reasons["t1"]
+    assert only.user_attrs["config"] == config
+    assert only.user_attrs["final"] == {"best_val_acc": 0.375, "training_iteration": 3}
+
+
+def test_failing_preflight_stops_the_search_before_any_trial(
+    tmp_path: Path, spiky_space_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = write(tmp_path / "slow.yaml", TINY_BASE + "optimizer: {lr: 1e-9}\n")
+    cfg = search_config(tmp_path, "preflight", base, spiky_space_file, preflight=True)
+    lines: list[str] = []
+    with pytest.raises(PreflightFailed, match="loss falls"):
+        run_search(cfg, log=lines.append)
+    assert any("diagnosis" in line for line in lines), lines
+    assert not (cfg.folder / "ray").exists()
+    assert recorded(cfg) == []
+
+    code = main(
+        [
+            "search",
+            *("--name", "preflight-cli", "--storage-path", cfg.storage_path),
+            *("--base", str(base), "--space", str(spiky_space_file), "--num-trials", "2"),
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "preflight FAILED" in out
+    assert "diagnosis: the loss does not fall" in out
+    assert "--no-preflight" in err
+    assert "Traceback" not in out + err
+    assert not (Path(cfg.storage_path) / "preflight-cli" / "ray").exists()
+
+
+def test_search_option_errors_exit_2_all_listed_nothing_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    code = main(["search", "--num-trials", "0", "--mode", "up", "--storage-path", str(runs)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "--num-trials" in err
+    assert "--mode" in err
+    assert "Traceback" not in out + err
+    assert not runs.exists()
+
+
+def test_search_file_errors_exit_2_all_listed_nothing_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    space, base = tmp_path / "nope.yaml", tmp_path / "nobase.yaml"
+    argv = ["search", "--space", str(space), "--base", str(base), "--storage-path", str(runs)]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert str(space) in err
+    assert str(base) in err
+    assert "Traceback" not in out + err
+    assert not runs.exists()
+
+
+def test_search_option_and_file_errors_are_reported_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    space = tmp_path / "nope.yaml"
+    argv = ["search", "--num-trials", "0", "--mode", "up", "--space", str(space)]
+    code = main([*argv, "--storage-path", str(runs)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in out + err
+    assert not runs.exists()
+    assert "--num-trials" in err
+    assert "--mode" in err
+    assert str(space) in err
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches on the module's in-process Ray
+
+
+@pytest.fixture(scope="module")
+def ray_session() -> Iterator[None]:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spiky_search(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("spiky")
+    base = write(folder / "base.yaml", TINY_BASE)
+    space = write(folder / "spiky.yaml", SPIKY_SPACE)
+    cfg = search_config(
+        folder, "spiky", base, space, num_trials=6, prune_loss_ratio=PRUNE_LOSS_RATIO
+    )
+    outcome = run_search(cfg, log=lambda _: None)
+    return SimpleNamespace(cfg=cfg, outcome=outcome, space=load_space(space))
+
+
+def test_aggressive_schedules_are_pruned_for_spikes_gentle_ones_complete(
+    spiky_search: SimpleNamespace,
+) -> None:
+    cfg, outcome = spiky_search.cfg, spiky_search.outcome
+    trials = recorded(cfg)
+    assert_durable(trials, 6)
+    aggressive = [t for t in trials if t.params["strategy"] == "fixed"]
+    gentle = [t for t in trials if t.params["strategy"] == "early_gradual"]
+    assert aggressive and gentle, [t.params for t in trials]
+
+    pruned = [t for t in aggressive if t.state == State.PRUNED]
+    assert pruned, [(t.state, t.user_attrs["final"]) for t in aggressive]
+    for t in pruned:
+        assert "after unfreezing block" in t.user_attrs["reason"]
+        assert t.user_attrs["reason"].startswith("loss x")
+        assert t.intermediate_values
+        assert t.value == max(t.intermediate_values.values())
+    for t in gentle:
+        assert t.state == State.COMPLETE, t.user_attrs
+        assert t.value is not None and math.isfinite(t.value)
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4]
+        assert t.user_attrs["final"]["spike_worst_loss_ratio"] <= PRUNE_LOSS_RATIO
+
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    assert outcome.best is not None
+    assert outcome.best.state == State.COMPLETE
+    assert outcome.best.value == max(t.value for t in complete)
+    assert outcome.counts["complete"] == len(complete)
+    assert outcome.counts["pruned"] == len(trials) - len(complete)
+    assert outcome.counts["running"] == 0
+
+
+def test_study_params_lie_in_the_space_and_optuna_tools_read_it(
+    spiky_search: SimpleNamespace,
+) -> None:
+    cfg = spiky_search.cfg
+    distributions = spiky_search.space.distributions()
+    trials = recorded(cfg)
+    for t in trials:
+        assert set(t.params) <= set(distributions)
+        for name, value in t.params.items():
+            assert t.distributions[name] == distributions[name]
+            assert distributions[name]._contains(distributions[name].to_internal_repr(value))
+        gentle = t.params["strategy"] == "early_gradual"
+        assert ("early_gradual.target_ratio" in t.params) == gentle
+
+    frame = optuna.load_study(study_name=cfg.name, storage=cfg.study_url).trials_dataframe()
+    assert len(frame) == 6
+    assert {"params_strategy", "user_attrs_status", "user_attrs_reason"} <= set(frame.columns)
+    listed = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("optuna")),
+            *("trials", "--storage", cfg.study_url, "--study-name", cfg.name, "-f", "json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count('"number"') == 6
+
+
+@pytest.fixture(scope="module")
+def diverge_search(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("diverge")
+    base = write(folder / "base.yaml", TINY_BASE + "max_nonfinite_steps: 2\n")
+    space = write(folder / "blowup.yaml", BLOWUP_SPACE)
+    cfg = search_config(folder, "diverge", base, space, num_trials=4)
+    outcome = run_search(cfg, log=lambda _: None)
+    return SimpleNamespace(cfg=cfg, outcome=outcome, trials=recorded(cfg))
+
+
+@pytest.fixture(scope="module")
+def nan_search(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("nan")
+    base = write(folder / "base.yaml", TINY_BASE)
+    space = write(folder / "blowup.yaml", BLOWUP_SPACE)
+    cfg = search_config(folder, "nan", base, space, num_trials=4, metric="val_loss", mode="min")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(
+            [
+                "search",
+                *("--name", cfg.name, "--storage-path", cfg.storage_path),
+                *("--base", str(base), "--space", str(space), "--num-trials", "4"),
+                *("--metric", "val_loss", "--mode", "min", "--scheduler", "fifo", "--no-preflight"),
+                *("--max-concurrent", "2", "--cpus-per-trial", "1"),
+            ]
+        )
+    return SimpleNamespace(
+        cfg=cfg, code=code, out=out.getvalue(), err=err.getvalue(), trials=recorded(cfg)
+    )
+
+
+def by_lr(trials: list[optuna.trial.FrozenTrial]) -> tuple[list[Any], list[Any]]:
+    blowups = [t for t in trials if t.params["optimizer.lr"] == BLOWUP_LR]
+    others = [t for t in trials if t.params["optimizer.lr"] != BLOWUP_LR]
+    assert blowups and others, [t.params for t in trials]
+    return blowups, others
+
+
+def test_a_diverging_trial_fails_and_the_search_goes_on(diverge_search: SimpleNamespace) -> None:
+    assert_durable(diverge_search.trials, 4)
+    blowups, others = by_lr(diverge_search.trials)
+    for t in blowups:
+        assert t.state == State.FAIL
+        assert t.value is None
+    assert all(t.state == State.COMPLETE for t in others)
+    best = diverge_search.outcome.best
+    assert best is not None and best.params["optimizer.lr"] != BLOWUP_LR
+
+
+def test_a_diverging_trial_keeps_its_reason(diverge_search: SimpleNamespace) -> None:
+    blowups, _ = by_lr(diverge_search.trials)
+    for t in blowups:
+        assert "diverged" in t.user_attrs["reason"], t.user_attrs["reason"]
+
+
+def test_a_nan_metric_fails_the_trial_instead_of_leaving_it_running(
+    nan_search: SimpleNamespace,
+) -> None:
+    assert nan_search.code == 0, nan_search.out + nan_search.err
+    assert_durable(nan_search.trials, 4)
+    blowups, others = by_lr(nan_search.trials)
+    for t in blowups:
+        assert t.state == State.FAIL
+        assert t.value is None
+        assert not t.intermediate_values
+    for t in others:
+        assert t.state == State.COMPLETE
+        assert t.value == min(t.intermediate_values.values())
+    assert f"{len(blowups)} fail" in nan_search.out
+    assert "best trial" in nan_search.out
+
+
+def test_a_nan_metric_trial_keeps_its_reason(nan_search: SimpleNamespace) -> None:
+    blowups, _ = by_lr(nan_search.trials)
+    for t in blowups:
+        assert "nonfinite_metric" in t.user_attrs["reason"], t.user_attrs["reason"]
+        assert "val_loss is nan" in t.user_attrs["reason"]
+
+
+def test_trial_failed_survives_copy_and_pickle() -> None:
+    from unfreeze_hpo.train import TrialFailed
+
+    failed = TrialFailed("diverged", "2 consecutive steps with non-finite loss", 0, 3)
+    for clone in (copy.copy(failed), pickle.loads(pickle.dumps(failed))):
+        assert str(clone) == str(failed)
+        assert (clone.reason, clone.epoch, clone.step) == ("diverged", 0, 3)
