@@ -94,7 +94,7 @@ def source_checkpoint(cfg: TrialConfig, log: Any = print) -> Path:
         )
         with tempfile.TemporaryDirectory(dir=root) as work:
             source = source_config(cfg, output_dir=work)
-            summary = train.run(source, log=lambda line: log(f"  [source] {line}"))
+            summary = train.run(source, log=lambda line: _epoch_lines(line, log))
             state = torch.load(
                 Path(work) / train.CHECKPOINT, map_location="cpu", weights_only=True
             )["model"]
@@ -103,3 +103,9 @@ def source_checkpoint(cfg: TrialConfig, log: Any = print) -> Path:
             os.replace(tmp, path)
         log(f"source task: val acc {summary.best_val_acc:.3f}")
     return path
+
+
+def _epoch_lines(line: str, log: Any) -> None:
+    """Pass on the pretraining's one line per epoch, not its per-epoch parameter tables."""
+    if line.startswith("epoch"):
+        log(f"  [source] {line}")
