@@ -245,8 +245,13 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
         last_result={"best_val_acc": 0.5, "training_iteration": 3, "val_loss": math.nan},
         local_path=str(tmp_path / "t1"),
     )
-    for iteration, acc in ((1, 0.25), (2, 0.5), (3, 0.375)):
-        result = {"best_val_acc": acc, "training_iteration": iteration}
+    for iteration, acc, unfrozen in ((1, 0.25, 0), (2, 0.5, 2), (2, 0.5, 2), (3, 0.375, 5)):
+        result = {
+            "best_val_acc": acc,
+            "training_iteration": iteration,
+            "epoch": iteration - 1,
+            "unfrozen_blocks": unfrozen,
+        }
         recorder.on_trial_result(iteration, [], trial, result)
     recorder.on_trial_complete(3, [], trial)
     recorder.on_trial_complete(3, [], trial)
@@ -263,7 +268,16 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
     assert only.user_attrs["ray_trial_id"] == "t1"
     assert only.user_attrs["reason"] == scheduler.reasons["t1"]
     assert only.user_attrs["config"] == config
-    assert only.user_attrs["final"] == {"best_val_acc": 0.375, "training_iteration": 3}
+    assert only.user_attrs["final"] == {
+        "best_val_acc": 0.375,
+        "training_iteration": 3,
+        "epoch": 2,
+        "unfrozen_blocks": 5,
+    }
+    assert only.user_attrs["timeline"] == [
+        {"epoch": 1, "n_trainable": 2},
+        {"epoch": 2, "n_trainable": 5},
+    ]
 
 
 def test_failing_preflight_stops_the_search_before_any_trial(

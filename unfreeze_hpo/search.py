@@ -169,6 +169,7 @@ class StudyRecorder(tune.Callback):
         self.space, self.scheduler = space, scheduler
         self.curves: dict[str, dict[int, float]] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        self.timelines: dict[str, list[dict[str, int]]] = {}
 
     def setup(
         self,
@@ -186,6 +187,8 @@ class StudyRecorder(tune.Callback):
         if isinstance(value, int | float) and math.isfinite(value):
             self.curves.setdefault(trial.trial_id, {})[int(result["training_iteration"])] = value
         self.last[trial.trial_id] = dict(result)
+        if "unfrozen_blocks" in result:
+            _extend_timeline(self.timelines.setdefault(trial.trial_id, []), result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         reason = getattr(self.scheduler, "reasons", {}).get(trial.trial_id)
@@ -233,6 +236,7 @@ class StudyRecorder(tune.Callback):
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             },
             "trial_dir": str(getattr(trial, "local_path", "") or ""),
+            "timeline": self.timelines.get(trial.trial_id, []),
         }
         study.add_trial(
             optuna.trial.create_trial(
@@ -299,6 +303,16 @@ class ProgressPrinter(tune.Callback):
             f"({self.ended}/{self.total}){why}",
             flush=True,
         )
+
+
+def _extend_timeline(timeline: list[dict[str, int]], result: Mapping[str, Any]) -> None:
+    """The realized unfreeze events: each epoch at which the trainable block count grew."""
+    n = int(result["unfrozen_blocks"])
+    epoch = int(result["epoch"])
+    if any(event["epoch"] == epoch for event in timeline):
+        return  # an epoch reported again after a worker restart
+    if n > (timeline[-1]["n_trainable"] if timeline else 0):
+        timeline.append({"epoch": epoch, "n_trainable": n})
 
 
 def _describe(config: Mapping[str, Any]) -> str:
