@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,9 @@ BASE: dict[str, Any] = {
     "epochs": 2,
     "batch_size": 8,
 }
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def values_for(tmp_path: Path, **changes: Any) -> dict[str, Any]:
@@ -70,15 +73,6 @@ def cpu_fp16_autocast() -> bool:
         return out.dtype == torch.float16
     except (RuntimeError, TypeError):
         return False
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

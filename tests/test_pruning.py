@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import pickle
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import ray
-from ray import cloudpickle, tune
+from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
@@ -336,17 +333,6 @@ def test_read_reasons_tolerates_missing_and_broken_files(tmp_path: Path) -> None
 
 # ---------------------------------------------------------------------------------------------
 # One real Ray Tune run
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    # Workers cannot import this test module (pytest puts tests/ on the driver's path only):
-    # ship its functions by value.
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _spiky_trainable(config: dict[str, Any]) -> None:

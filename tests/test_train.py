@@ -6,7 +6,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,9 @@ BASE: dict[str, Any] = {
 REFERENCE_OPTIMIZER = {"backbone_lr_mult": 0.5, "layer_decay": 0.5, "unfreeze_warmup_steps": 6}
 STEPS_PER_EPOCH = 4
 N_BLOCKS = 5
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def values_for(out: Path, **changes: Any) -> dict[str, Any]:
@@ -182,15 +185,6 @@ def cpu_fp16_autocast() -> bool:
         return out.dtype == torch.float16
     except (RuntimeError, TypeError):
         return False
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -3,14 +3,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import ray
-from ray import cloudpickle, tune
+from ray import tune
 
 from unfreeze_hpo.config import from_dict
 from unfreeze_hpo.space import space_from_dict
@@ -24,15 +20,6 @@ BASE: dict[str, Any] = {
     "schedule": {"kind": "constant"},
 }
 SPACE = space_from_dict({"strategy": "early_gradual", "common": {"optimizer.lr": 0.01}})
-
-
-@pytest.fixture(scope="module")
-def ray_session() -> Iterator[None]:
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 class KillWorkerOnce(tune.Callback):

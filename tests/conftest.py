@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def ray_session(request: pytest.FixtureRequest) -> Iterator[None]:
+    """An in-process Ray for one test module, on the machine's 2 cores.
+
+    Workers cannot import test modules (pytest puts tests/ on the driver's path only), so the
+    requesting module's functions are shipped by value.
+    """
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(request.module)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+    cloudpickle.unregister_pickle_by_value(request.module)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared 2-core machine: a second thread only adds contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
