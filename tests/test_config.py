@@ -345,6 +345,7 @@ FULL: dict[str, Any] = {
     "frozen_norm_eval": False,
     "max_nonfinite_steps": 3,
     "num_workers": 2,
+    "provenance": {"search": "demo", "trial": 3, "timeline": [{"epoch": 1, "n_trainable": 2}]},
 }
 
 STRATEGIES = [

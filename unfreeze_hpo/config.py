@@ -152,6 +152,11 @@ class TrialConfig:
         20, ge=1, help="consecutive non-finite steps before the trial fails as diverged"
     )
     num_workers: int = param(0, ge=0, help="DataLoader worker processes")
+    provenance: dict[str, Any] | None = param(
+        None,
+        help="where an exported schedule came from (search, trial, metrics, timeline); "
+        "a record only, never read by training",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

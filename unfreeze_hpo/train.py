@@ -33,6 +33,7 @@ from unfreeze_hpo.signals import SpikeMonitor
 Report = Callable[[dict[str, float], Path | None], None]
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = ("epochs", "output_dir", "provenance")  # config keys a resume may change
 PREVIOUS = "checkpoint.prev.pt"
 
 
@@ -524,8 +525,8 @@ def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopSta
             )
         )
     payload = torch.load(path, map_location=trial.device, weights_only=True)
-    saved = {k: v for k, v in payload["config"].items() if k not in ("epochs", "output_dir")}
-    current = {k: v for k, v in trial.cfg.to_dict().items() if k not in ("epochs", "output_dir")}
+    saved = {k: v for k, v in payload["config"].items() if k not in RESUMABLE_CHANGES}
+    current = {k: v for k, v in trial.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     if saved != current:
         changed = sorted(k for k in current if saved.get(k) != current[k])
         raise ConfigError(
