@@ -15,12 +15,17 @@ def fenced(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, re.S)
 
 
-def test_library_example_runs_and_prints_what_the_readme_shows(
-    capsys: pytest.CaptureFixture[str],
+def test_library_examples_run_and_print_what_the_readme_shows(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (example,) = fenced("python")
-    exec(compile(example, "README.md", "exec"), {})
+    monkeypatch.chdir(Path(__file__).parents[1])  # examples name files from the repo root
+    examples = fenced("python")
+    assert len(examples) == 2
+    for example in examples:
+        exec(compile(example, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
+    shown = [line for line in README.splitlines() if line.startswith("epoch ")]
+    assert len(shown) == 3 and all(line in printed for line in shown)
     shown = [line for line in README.splitlines() if line.startswith("[params] epoch")]
     assert shown and shown[0] in printed
 

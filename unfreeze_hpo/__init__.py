@@ -17,6 +17,7 @@ from unfreeze_hpo.errors import (
 from unfreeze_hpo.freezing import Freezer, Status, build_optimizer
 from unfreeze_hpo.models import ModelSpec
 from unfreeze_hpo.models import build as build_model
+from unfreeze_hpo.schedule import Unfreezer
 from unfreeze_hpo.strategies import REGISTRY as STRATEGIES
 from unfreeze_hpo.strategies import Plan, Strategy
 from unfreeze_hpo.strategies import create as create_strategy
@@ -39,6 +40,7 @@ __all__ = [
     "Status",
     "Strategy",
     "UnfreezeHPOError",
+    "Unfreezer",
     "UserError",
     "build_model",
     "build_optimizer",
