@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -413,6 +414,145 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# trials, best, export (read a search; no Ray needed)
+
+
+def _search_folder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("search", metavar="SEARCH", help="a search folder: <storage_path>/<name>")
+    p.add_argument("--study-storage", help="the study's URL when the search did not use SQLite")
+
+
+def _trials_args(p: argparse.ArgumentParser) -> None:
+    _search_folder_args(p)
+    p.add_argument("--state", help="only trials in this state: complete, pruned, failed, running")
+    p.add_argument("--strategy", help="only trials of this strategy")
+    p.add_argument("--sort", metavar="COLUMN", help="sort by this column (default: number)")
+    p.add_argument("--desc", action="store_true", help="sort in descending order")
+    p.add_argument("--format", default="table", help="table (default), csv or json")
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from unfreeze_hpo import results
+
+    search = results.open_search(args.search, study_storage=args.study_storage)
+    _, table = _all_or_errors(
+        lambda: results.check_format(args.format),
+        lambda: results.select(
+            search,
+            results.trials_table(search),
+            state=args.state,
+            strategy=args.strategy,
+            sort=args.sort,
+            descending=args.desc,
+        ),
+    )
+    if args.format == "table":
+        print(
+            f"search {search.name}: {len(table)} trials; value: the best {search.metric} over "
+            "the epochs, final: at the last epoch"
+        )
+    print(results.render(table, args.format))
+    return 0
+
+
+def _best_args(p: argparse.ArgumentParser) -> None:
+    _search_folder_args(p)
+    p.add_argument("--top", type=int, default=1, help="how many trials (default 1)")
+    p.add_argument("--by", metavar="strategy", help="'strategy': the top trials of each strategy")
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from unfreeze_hpo import results
+
+    def by_of(by: str | None) -> str | None:
+        if by not in (None, "strategy"):
+            raise ConfigError(Problem("--by", by, "unknown grouping", "use --by strategy"))
+        return by
+
+    _all_or_errors(lambda: by_of(args.by), lambda: results.check_top(args.top))
+    search = results.open_search(args.search, study_storage=args.study_storage)
+    table = results.best_trials(search, args.top, by_strategy=args.by == "strategy")
+    # Hyperparameters of the branches not shown are empty columns: leave them out.
+    table = table.drop(columns=[c for c in table.columns if table[c].isna().all()])
+    order = "highest" if search.mode == "max" else "lowest"
+    print(f"search {search.name}: best completed trials by {search.metric} ({order} first)")
+    print(results.render(table))
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _search_folder_args(p)
+    p.add_argument("--trial", type=int, help="trial number (default: the best completed trial)")
+    p.add_argument("--out", required=True, help="the schedule YAML to write, e.g. schedule.yaml")
+    p.add_argument(
+        "--allow-incomplete", action="store_true", help="also export a pruned or failed trial"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from unfreeze_hpo import config, results
+
+    search = results.open_search(args.search, study_storage=args.study_storage)
+    out = results.export_schedule(
+        search, Path(args.out), args.trial, allow_incomplete=args.allow_incomplete
+    )
+    cfg = config.load(out)
+    record = cfg.provenance or {}
+    value = record.get("value")
+    reached = f"{search.metric} {value:.4f}" if isinstance(value, float) else "no metric"
+    events = ", ".join(
+        f"epoch {e['epoch']} -> {e['n_trainable']} trainable" for e in record.get("timeline", [])
+    )
+    print(
+        f"wrote {out}: trial {record.get('trial')} ({record.get('state')}), strategy "
+        f"{cfg.strategy}, {reached}; unfreeze events: {events or 'none'}"
+    )
+    print(f"replay it: unfreeze-hpo train --config {shlex.quote(str(out))}")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    _search_folder_args(p)
+    p.add_argument("--out", help="folder for the PNGs and index.html (default: SEARCH/report)")
+    p.add_argument("--top", type=int, default=5, help="best trials in the trainable-ratio plot")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.report import build_report
+
+    page = build_report(
+        Path(args.search),
+        Path(args.out) if args.out else None,
+        study_storage=args.study_storage,
+        top=args.top,
+    )
+    print(f"report: {page} (PNGs beside it)")
+    return 0
+
+
+def _dashboard_args(p: argparse.ArgumentParser) -> None:
+    _search_folder_args(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; use an SSH tunnel to reach it)",
+    )
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from unfreeze_hpo.report import run_dashboard
+
+    run_dashboard(
+        Path(args.search), host=args.host, port=args.port, study_storage=args.study_storage
+    )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -479,10 +619,23 @@ COMMANDS: dict[
     "validate": (cmd_validate, _config_arg, "check a task YAML and report every problem at once"),
     "train": (cmd_train, _train_args, "run one trial from a task YAML or exported schedule"),
     "check": (cmd_check, _check_args, "preflight: overfit a tiny subset and diagnose failures"),
+    "report": (cmd_report, _report_args, "PNG plots and one HTML page of a search"),
+    "dashboard": (cmd_dashboard, _dashboard_args, "serve a search's study with optuna-dashboard"),
     "search": (
         cmd_search,
         _search_args,
         "search unfreezing hyperparameters (default: a demo on the embedded default task)",
+    ),
+    "trials": (
+        cmd_trials,
+        _trials_args,
+        "list a search's trials: state, strategy, hyperparameters, metrics, prune/fail reason",
+    ),
+    "best": (cmd_best, _best_args, "show a search's best completed trials"),
+    "export": (
+        cmd_export,
+        _export_args,
+        "export a trial as a schedule YAML that `unfreeze-hpo train --config` replays",
     ),
 }
 

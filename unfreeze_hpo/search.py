@@ -25,6 +25,7 @@ from unfreeze_hpo import config as config_module
 from unfreeze_hpo.config import SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
+from unfreeze_hpo.results import write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
 from unfreeze_hpo.train import Log
 from unfreeze_hpo.trainable import run_trial
@@ -63,6 +64,7 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes and return where its results are."""
     base, space = load_inputs(cfg)
     cfg.folder.mkdir(parents=True, exist_ok=True)
+    write_inputs(cfg, base, space)  # what results need to rebuild a trial's full config
     if cfg.preflight:
         _preflight(base, log)
     if base.model.pretrain_on_source:  # once here, rather than every trial waiting on the lock
@@ -235,7 +237,8 @@ class StudyRecorder(tune.Callback):
                 for k, v in last.items()
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
             },
-            "trial_dir": str(getattr(trial, "local_path", "") or ""),
+            # Ray's durable trial folder under storage_path (local_path is a session temp dir).
+            "trial_dir": str(getattr(trial, "path", "") or getattr(trial, "local_path", "") or ""),
             "timeline": self.timelines.get(trial.trial_id, []),
         }
         study.add_trial(

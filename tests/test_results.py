@@ -1,0 +1,433 @@
+"""Reading a search: the trials table, the best trials, export and replay of a schedule, and the
+``trials``/``best``/``export`` commands, on one tiny real search (plus one synthetic failed trial).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from unfreeze_hpo import config, results, train
+from unfreeze_hpo.cli import main
+from unfreeze_hpo.config import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search import load_inputs, run_search
+from unfreeze_hpo.space import load_space
+
+State = optuna.trial.TrialState
+
+# The tiny task and two-branch space of tests/test_search.py (see there for the calibration):
+# `fixed` opens all 5 blocks at epoch 2 and spikes (pruned above x1.3), `early_gradual` opens one.
+TINY_BASE = """\
+model: {name: "pytorchvideo:resnet3d_tiny", pretrain_on_source: false}
+data: {kind: synthetic_video, train_samples: 64, val_samples: 32}
+epochs: 4
+batch_size: 16
+signals: {baseline_steps: 4, window_steps: 4}
+schedule: {kind: constant}
+frozen_norm_eval: false
+"""
+SPIKY_SPACE = """\
+strategy: [fixed, early_gradual]
+strategies:
+  fixed:
+    phases: [[0, 0], [2, 5]]
+  early_gradual:
+    freeze_epochs: 1
+    blocks_per_epoch: 1
+    target_ratio: {type: float, low: 0.2, high: 0.7}
+common:
+  optimizer.lr: 3e-2
+  optimizer.backbone_lr_mult: {type: float, low: 0.1, high: 50.0, log: true}
+  optimizer.unfreeze_warmup_steps: 8
+"""
+FAIL_REASON = "TrialFailed: diverged at epoch 0, step 3: 2 consecutive steps with non-finite loss"
+HYPERPARAMETERS = ["optimizer.backbone_lr_mult", "early_gradual.target_ratio"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    folder = tmp_path_factory.mktemp("results")
+    base = write(folder / "base.yaml", TINY_BASE)
+    space = write(folder / "spiky.yaml", SPIKY_SPACE)
+    cfg = SearchConfig(
+        name="tiny",
+        storage_path=str(folder / "runs"),
+        base=str(base),
+        space=str(space),
+        num_trials=5,
+        max_concurrent=2,
+        cpus_per_trial=1,
+        scheduler="fifo",
+        prune_loss_ratio=1.3,
+        preflight=False,
+    )
+    run_search(cfg, log=lambda _: None)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
+    add_failed_trial(study, load_space(space).distributions())
+    return SimpleNamespace(cfg=cfg, folder=cfg.folder, study=study, space_file=space)
+
+
+def add_failed_trial(study: optuna.Study, distributions: dict[str, Any]) -> None:
+    """A trial as StudyRecorder writes one that raised (a diverging branch costs a whole run)."""
+    params = {"strategy": "fixed", "optimizer.backbone_lr_mult": 45.0}
+    config_values = {**params, "fixed.phases": [[0, 0], [2, 5]], "optimizer.lr": 3e-2}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=State.FAIL,
+            params=params,
+            distributions={k: distributions[k] for k in params},
+            user_attrs={
+                "ray_trial_id": "synthetic",
+                "status": "fail",
+                "reason": FAIL_REASON,
+                "config": config_values,
+                "final": {},
+                "trial_dir": "",
+                "timeline": [],
+            },
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def search(searched: SimpleNamespace) -> results.Search:
+    return results.open_search(searched.folder)
+
+
+def trials_of(searched: SimpleNamespace) -> list[optuna.trial.FrozenTrial]:
+    return searched.study.get_trials()
+
+
+def best_complete(searched: SimpleNamespace) -> optuna.trial.FrozenTrial:
+    complete = [t for t in trials_of(searched) if t.state == State.COMPLETE]
+    assert complete
+    return max(complete, key=lambda t: (t.value, -t.number))
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening a search
+
+
+def test_open_search_reads_back_what_the_search_ran_with(
+    searched: SimpleNamespace, search: results.Search
+) -> None:
+    assert (searched.folder / results.SEARCH_FILE).is_file()
+    assert search.name == "tiny"
+    assert (search.metric, search.mode) == ("best_val_acc", "max")
+    assert search.base == config.from_dict(config.parse_yaml(TINY_BASE)[0])
+    original = load_space(searched.space_file)
+    assert search.space.strategies == original.strategies
+    assert search.space.distributions() == original.distributions()
+    assert search.space.per_strategy == original.per_strategy
+    assert search.space.common == original.common
+
+
+def test_unknown_folder_and_non_searches_are_user_errors(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = searched.folder.parent
+    for argv in (
+        ["trials", str(runs / "nope")],
+        ["best", str(runs)],
+        ["export", str(runs / "nope"), "--out", str(tmp_path / "x.yaml")],
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert "SEARCH" in err and "fix:" in err
+        assert "Traceback" not in out + err
+    _, _, err = run(capsys, "trials", str(runs / "nope"))
+    assert "no such folder" in err and "searches in" in err and "tiny" in err
+    assert not (tmp_path / "x.yaml").exists()
+
+    started = tmp_path / "started"  # a folder with the record but no study yet
+    started.mkdir()
+    shutil.copy(searched.folder / results.SEARCH_FILE, started)
+    code, _, err = run(capsys, "trials", str(started))
+    assert code == 2 and "no study yet" in err
+    assert not (started / STUDY_FILE).exists(), "a reader must not create the study"
+
+
+# ---------------------------------------------------------------------------------------------
+# trials
+
+
+def test_trials_table_has_one_row_per_trial_with_state_params_metrics_and_reason(
+    searched: SimpleNamespace, search: results.Search
+) -> None:
+    trials = trials_of(searched)
+    table = results.trials_table(search)
+    assert list(table["number"]) == [t.number for t in trials]
+    assert {"number", "state", "strategy", *HYPERPARAMETERS, "value", "final", "reason"} <= set(
+        table.columns
+    )
+    names = {State.COMPLETE: "complete", State.PRUNED: "pruned", State.FAIL: "failed"}
+    assert list(table["state"]) == [names[t.state] for t in trials]
+    assert {"complete", "pruned", "failed"} <= set(table["state"])
+    for t, row in zip(trials, table.to_dict(orient="records"), strict=True):
+        assert row["strategy"] == t.params["strategy"]
+        for name in HYPERPARAMETERS:
+            if name in t.params:
+                assert row[name] == t.params[name]
+            else:
+                assert pd.isna(row[name])  # not in this trial's branch
+        final = t.user_attrs["final"]
+        if t.state == State.FAIL:
+            assert pd.isna(row["value"]) and pd.isna(row["epochs"])
+        else:
+            assert row["value"] == t.value
+            assert row["final"] == final["best_val_acc"]
+            assert row["epochs"] == final["epoch"] + 1
+            assert row["trainable_ratio"] == final["backbone_trainable_ratio"]
+            assert row["worst_spike"] == final["spike_worst_loss_ratio"]
+        if t.state == State.COMPLETE:
+            assert pd.isna(row["reason"])
+        else:
+            assert row["reason"] == t.user_attrs["reason"]
+    pruned = table[table["state"] == "pruned"]
+    assert all(r.startswith("loss x") for r in pruned["reason"])
+    assert table.loc[table["state"] == "failed", "reason"].tolist() == [FAIL_REASON]
+
+
+def test_trials_of_ray_not_yet_in_the_study_are_running(
+    tmp_path: Path, searched: SimpleNamespace
+) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (results.SEARCH_FILE, STUDY_FILE):
+        shutil.copy(searched.folder / name, copy)
+    trial_dir = copy / "ray" / "run_trial_0badf00d_9_strategy=fixed_2026-01-01_00-00-00"
+    trial_dir.mkdir(parents=True)
+    params = {"strategy": "fixed", "optimizer.backbone_lr_mult": 2.0, "optimizer.lr": 0.03}
+    write(trial_dir / "params.json", json.dumps(params))
+    reports = [
+        {"trial_id": "0badf00d", "epoch": 0.0, "best_val_acc": 0.25, "spike_worst_loss_ratio": 1.0},
+        {"trial_id": "0badf00d", "epoch": 1.0, "best_val_acc": 0.5, "spike_worst_loss_ratio": 1.2},
+    ]
+    lines = [json.dumps(r) for r in reports]
+    write(trial_dir / "result.json", "\n".join(lines) + '\n{"trial_id": "0badf')  # mid-write
+
+    table = results.trials_table(results.open_search(copy))
+    assert len(table) == len(trials_of(searched)) + 1
+    (row,) = table[table["state"] == "running"].to_dict(orient="records")
+    assert pd.isna(row["number"])
+    assert row["ray_trial_id"] == "0badf00d"
+    assert (row["strategy"], row["optimizer.backbone_lr_mult"]) == ("fixed", 2.0)
+    assert (row["value"], row["epochs"], row["worst_spike"]) == (0.5, 2, 1.2)
+    assert "not in the study yet" in row["reason"]
+
+
+def test_trials_command_filters_sorts_and_formats(
+    searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = str(searched.folder)
+    trials = trials_of(searched)
+
+    code, out, _ = run(capsys, "trials", folder)
+    assert code == 0
+    assert "number" in out and "worst_spike" in out and FAIL_REASON in out
+
+    code, out, _ = run(capsys, "trials", folder, "--state", "pruned", "--format", "csv")
+    assert code == 0
+    pruned = pd.read_csv(io.StringIO(out))
+    assert sorted(pruned["number"]) == [t.number for t in trials if t.state == State.PRUNED]
+    assert set(pruned["state"]) == {"pruned"}
+    assert pruned["reason"].str.startswith("loss x").all()
+
+    argv = ["--strategy", "early_gradual", "--sort", "value", "--desc", "--format", "json"]
+    code, out, _ = run(capsys, "trials", folder, *argv)
+    assert code == 0
+    rows = json.loads(out)
+    gentle = [t for t in trials if t.params["strategy"] == "early_gradual"]
+    assert sorted(r["number"] for r in rows) == sorted(t.number for t in gentle)
+    values = [r["value"] for r in rows]
+    assert values == sorted(values, reverse=True)
+    assert all(r["early_gradual.target_ratio"] is not None for r in rows)
+
+    code, out, _ = run(capsys, "trials", folder, "--state", "failed", "--format", "json")
+    (failed,) = json.loads(out)
+    assert failed["reason"] == FAIL_REASON
+    assert failed["value"] is None and failed["early_gradual.target_ratio"] is None
+
+
+def test_trials_command_reports_every_bad_option_at_once(
+    searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--state", "done", "--strategy", "full", "--sort", "acc", "--format", "xml"]
+    code, out, err = run(capsys, "trials", str(searched.folder), *argv)
+    assert code == 2
+    assert out == "" and "Traceback" not in err
+    for field in ("--state", "--strategy", "--sort", "--format"):
+        assert f"{field}:" in err
+    assert "use one of complete, pruned, failed or running" in err
+    assert "use fixed or early_gradual" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# best
+
+
+def test_best_trials_against_the_study(searched: SimpleNamespace, search: results.Search) -> None:
+    trials = trials_of(searched)
+    complete = [t for t in trials if t.state == State.COMPLETE]
+    (best,) = results.best_trials(search).to_dict(orient="records")
+    assert best["value"] == searched.study.best_trial.value == best_complete(searched).value
+    assert best["number"] == best_complete(searched).number
+
+    top = results.best_trials(search, top=10)
+    assert len(top) == len(complete)
+    assert list(top["value"]) == sorted((t.value for t in complete), reverse=True)
+
+    grouped = results.best_trials(search, top=1, by_strategy=True)
+    winners = {}
+    for t in sorted(complete, key=lambda t: (-t.value, t.number)):
+        winners.setdefault(t.params["strategy"], t.number)
+    assert dict(zip(grouped["strategy"], grouped["number"], strict=True)) == winners
+    assert list(grouped["value"]) == sorted(grouped["value"], reverse=True)
+
+
+def test_best_command(searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "best", str(searched.folder), "--top", "2", "--by", "strategy")
+    assert code == 0
+    assert "best completed trials by best_val_acc" in out
+    assert "early_gradual" in out
+    code, _, err = run(capsys, "best", str(searched.folder), "--top", "0", "--by", "strat")
+    assert code == 2 and "--top" in err
+    code, _, err = run(capsys, "best", str(searched.folder), "--by", "strat")
+    assert code == 2 and "--by: unknown grouping" in err
+
+
+def test_a_search_without_completed_trials_has_no_best_and_no_export(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = SearchConfig(name="allfailed", storage_path=str(tmp_path), space=searched.cfg.space)
+    results.write_inputs(cfg, *load_inputs(searched.cfg))
+    study = optuna.create_study(storage=cfg.study_url, study_name=cfg.name, direction="maximize")
+    add_failed_trial(study, load_space(searched.space_file).distributions())
+    out_file = tmp_path / "schedule.yaml"
+    for argv in (["best", str(cfg.folder)], ["export", str(cfg.folder), "--out", str(out_file)]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2, argv
+        assert "SEARCH: no completed trial (1 failed)" in err
+        assert "unfreeze-hpo trials" in err
+        assert "Traceback" not in out + err
+    assert not out_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def test_export_then_replay_reproduces_the_trials_final_metric(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    best = best_complete(searched)
+    out_file = tmp_path / "schedule.yaml"
+    code, out, err = run(capsys, "export", str(searched.folder), "--out", str(out_file))
+    assert code == 0, err
+    assert f"wrote {out_file}: trial {best.number} (complete)" in out
+    assert f"unfreeze-hpo train --config {out_file}" in out
+
+    cfg = config.load(out_file)  # the exported file validates as a trial config
+    assert cfg.strategy.name == best.params["strategy"]
+    assert cfg.optimizer.backbone_lr_mult == best.params["optimizer.backbone_lr_mult"]
+    assert cfg.output_dir == f"runs/tiny-trial-{best.number}"
+    record = cfg.provenance
+    assert record is not None
+    assert record["search"] == str(searched.folder)
+    assert (record["study"], record["trial"], record["state"]) == ("tiny", best.number, "complete")
+    assert record["ray_trial_id"] == best.user_attrs["ray_trial_id"]
+    assert (record["metric"], record["value"]) == ("best_val_acc", best.value)
+    assert record["final"]["val_acc"] == best.user_attrs["final"]["val_acc"]
+    # The realized timeline, each event naming the blocks it opened (last blocks first to open).
+    timeline = best.user_attrs["timeline"]
+    assert [(e["epoch"], e["n_trainable"]) for e in record["timeline"]] == [
+        (e["epoch"], e["n_trainable"]) for e in timeline
+    ]
+    assert timeline, "an early_gradual trial unfreezes at epoch 1"
+    assert record["timeline"][0]["blocks"] == ["blocks.4.res_blocks.0"]
+
+    # Replay: same seed, one torch thread like the trial (cpus_per_trial=1), fresh folder.
+    summary = train.run(cfg.replace(output_dir=str(tmp_path / "replay")), log=lambda _: None)
+    recorded = best.user_attrs["final"]
+    for metric in ("best_val_acc", "val_acc", "val_loss", "train_loss"):
+        # Exact: CPU, one thread, the epoch order a pure function of (seed, epoch).
+        assert summary.final[metric] == recorded[metric], metric
+    assert summary.best_val_acc == best.value
+    assert [(e["epoch"], e["n_trainable"]) for e in summary.timeline] == [
+        (e["epoch"], e["n_trainable"]) for e in timeline
+    ]
+    assert [e["blocks"] for e in summary.timeline] == [e["blocks"] for e in record["timeline"]]
+
+
+def test_export_refuses_bad_trial_numbers_and_incomplete_trials(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, out_file = str(searched.folder), tmp_path / "schedule.yaml"
+    count = len(trials_of(searched))
+    for number in (str(count), "-1"):
+        code, out, err = run(capsys, "export", folder, "--trial", number, "--out", str(out_file))
+        assert code == 2
+        assert f"--trial: out of range: this search's trials are numbered 0 to {count - 1}" in err
+        assert "Traceback" not in out + err
+    pruned = next(t for t in trials_of(searched) if t.state == State.PRUNED)
+    argv = ["export", folder, "--trial", str(pruned.number), "--out", str(out_file)]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert f"trial {pruned.number} was pruned: loss x" in err and "--allow-incomplete" in err
+    assert not out_file.exists()
+
+    code, out, _ = run(capsys, *argv, "--allow-incomplete")
+    assert code == 0 and "(pruned)" in out
+    record = config.load(out_file).provenance
+    assert record is not None
+    assert (record["state"], record["reason"]) == ("pruned", pruned.user_attrs["reason"])
+    assert record["timeline"][-1]["n_trainable"] == 5  # fixed opens every block at epoch 2
+
+
+def test_a_failed_export_leaves_the_previous_file_intact(
+    tmp_path: Path, search: results.Search, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out_file = write(tmp_path / "schedule.yaml", "previous: schedule\n")
+
+    def half_then_fail(data: Any, stream: Any, **kwargs: Any) -> None:
+        stream.write("model:\n  name: pytorch")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(yaml, "dump", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        results.export_schedule(search, out_file)
+    assert out_file.read_text() == "previous: schedule\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule.yaml"]  # no temp file left
+
+    monkeypatch.undo()
+    results.export_schedule(search, out_file)
+    assert config.load(out_file).provenance is not None
+
+
+def test_the_yaml_writer_quotes_strings_the_project_reader_would_take_for_numbers(
+    tmp_path: Path,
+) -> None:
+    values = {"a": "1e3", "b": "010", "c": "yes", "d": 1e-5, "e": math.inf, "f": [[0, 0], [2, 5]]}
+    path = results._write_yaml(tmp_path / "v.yaml", values, "# header\n")
+    assert config.parse_yaml(path.read_text())[0] == values

@@ -1,0 +1,560 @@
+"""Plots and a one-page HTML report of a search, and optuna-dashboard on its study.
+
+Reads only what a search wrote (the Optuna study and the trial folders); never imports Ray.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import optuna
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from unfreeze_hpo.config import STUDY_FILE
+from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
+
+REPORT_DIR = "report"  # inside the search folder, unless told otherwise
+STYLES = {"complete": "-", "pruned": "--", "fail": ":"}
+STATE_COLORS = {"complete": "tab:blue", "pruned": "tab:red", "fail": "tab:gray"}
+MAX_LABELS = 12  # more per-trial legend entries than this hide the plot
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the report needs it; epochs are 0-based, as in the training log."""
+
+    number: int
+    state: str  # complete | pruned | fail (| running | waiting, never written by a search)
+    strategy: str
+    value: float | None
+    reason: str
+    final: dict[str, float]
+    objective: dict[int, float]  # epoch -> the searched metric (Optuna's intermediate values)
+    rows: list[dict[str, float]]  # metrics.jsonl, one per epoch; [] when its files are gone
+    timeline: list[tuple[int, int]]  # (epoch, trainable blocks) each time the plan grew
+
+    @property
+    def label(self) -> str:
+        return f"#{self.number} {self.strategy}"
+
+    @property
+    def events(self) -> list[int]:
+        """Unfreeze events: blocks trainable from epoch 0 were never unfrozen."""
+        return [epoch for epoch, _ in self.timeline if epoch > 0]
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the page: a plot with its caption, or a note saying why there is none."""
+
+    title: str
+    caption: str
+    png: Path | None = None
+
+
+# -- opening the study -------------------------------------------------------------------------
+
+
+def storage_url(search_folder: Path, study_storage: str | None = None) -> str:
+    """The study's storage: the given URL, or the search folder's SQLite file (which must exist)."""
+    if study_storage:
+        return study_storage
+    folder = _folder(search_folder)
+    if not folder.is_dir():
+        raise _bad_search(search_folder, "no such search folder")
+    if not (folder / STUDY_FILE).is_file():
+        raise _bad_search(search_folder, f"holds no {STUDY_FILE}: not a search folder")
+    # Absolute, so a dashboard started from another working directory finds the same file.
+    return f"sqlite:///{(folder / STUDY_FILE).resolve()}"
+
+
+def open_study(
+    search_folder: Path, *, study_storage: str | None = None, study_name: str | None = None
+) -> optuna.Study:
+    """The search's Optuna study; a UserError naming SEARCH when there is none."""
+    url = storage_url(search_folder, study_storage)
+    name = study_name or _folder(search_folder).name
+    try:
+        storage = optuna.storages.get_storage(url)
+    except Exception as exc:  # a bad URL or a missing driver is bad input: say which
+        raise _bad_search(url, f"cannot open the storage ({type(exc).__name__}: {exc})") from exc
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError as exc:
+        names = optuna.get_all_study_names(storage) or "none"
+        raise _bad_search(name, f"no study of that name in {url} (it holds {names})") from exc
+
+
+def _bad_search(value: object, message: str, fix: str = "") -> UserError:
+    fix = fix or "pass the folder a search wrote (<storage_path>/<name>), or its storage URL"
+    return UserError(Problem("SEARCH", str(value), message, fix))
+
+
+def _folder(search_folder: Path) -> Path:
+    path = Path(search_folder)
+    return path.parent if path.name == STUDY_FILE and path.is_file() else path
+
+
+# -- reading the trials ------------------------------------------------------------------------
+
+
+def read_trials(study: optuna.Study, search_folder: Path) -> list[TrialRecord]:
+    """Every trial of the study, with its per-epoch metrics where its files survive."""
+    return [_record(t, _folder(search_folder)) for t in study.get_trials(deepcopy=False)]
+
+
+def _record(trial: optuna.trial.FrozenTrial, folder: Path) -> TrialRecord:
+    attrs = trial.user_attrs
+    config = attrs.get("config") or {}
+    rows = _metrics_rows(folder, str(attrs.get("trial_dir") or ""))
+    timeline = [(int(e["epoch"]), int(e["n_trainable"])) for e in attrs.get("timeline") or []]
+    return TrialRecord(
+        number=trial.number,
+        state=trial.state.name.lower(),
+        strategy=str(config.get("strategy", trial.params.get("strategy", "?"))),
+        value=trial.value if trial.values else None,
+        reason=str(attrs.get("reason") or ""),
+        final={k: float(v) for k, v in (attrs.get("final") or {}).items() if _number(v)},
+        # Optuna steps are Ray's training_iteration, 1-based; the metrics' epochs are 0-based.
+        objective={step - 1: v for step, v in sorted(trial.intermediate_values.items())},
+        rows=rows,
+        timeline=timeline or _timeline_from(rows),
+    )
+
+
+def _metrics_rows(folder: Path, trial_dir: str) -> list[dict[str, float]]:
+    """The longest metrics.jsonl of a trial: its work folder or its latest checkpoint.
+
+    The recorded trial_dir may be Ray's session staging folder (gone after a reboot) or a path on
+    another machine, so the same trial folder name is also looked up under ``<search>/ray``.
+    """
+    if not trial_dir:
+        return []
+    dirs = [Path(trial_dir), folder / "ray" / Path(trial_dir).name]
+    files = [d / "work" / "metrics.jsonl" for d in dirs]
+    files += [max(d.glob("checkpoint_*/metrics.jsonl"), default=d / "-") for d in dirs]
+    return max((_read_jsonl(f) for f in files), key=len)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, float]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            metrics = json.loads(line)["metrics"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed worker
+        rows.append({k: float(v) for k, v in metrics.items() if _number(v)})
+    return [r for r in rows if "epoch" in r]
+
+
+def _timeline_from(rows: list[dict[str, float]]) -> list[tuple[int, int]]:
+    """Studies written before the timeline was recorded: the growth of unfrozen_blocks."""
+    out: list[tuple[int, int]] = []
+    for row in rows:
+        n = int(row.get("unfrozen_blocks", 0))
+        if n > (out[-1][1] if out else 0):
+            out.append((int(row["epoch"]), n))
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def objective_name(records: Iterable[TrialRecord]) -> str:
+    """The metric the search optimized: the one key of ``final`` equal to every last objective."""
+    candidates: set[str] | None = None
+    for r in records:
+        if r.objective and r.final:
+            last = r.objective[max(r.objective)]
+            keys = {k for k, v in r.final.items() if v == last}
+            candidates = keys if candidates is None else candidates & keys
+    return candidates.pop() if candidates and len(candidates) == 1 else "objective"
+
+
+# -- the plots ---------------------------------------------------------------------------------
+
+
+def plot_history(study: optuna.Study, metric: str, path: Path) -> Section:
+    title = "Optimization history"
+    n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if not n:
+        return Section(title, "No complete trial yet, so there is no history to draw.")
+    # Optuna's plots switch pyplot's global style: rc_context keeps that out of the other plots.
+    with warnings.catch_warnings(), matplotlib.rc_context():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=metric)
+    _save_optuna(ax, path)
+    return Section(
+        title, f"{metric} of each of the {n} complete trials, and the best so far.", path
+    )
+
+
+def plot_importances(study: optuna.Study, metric: str, path: Path) -> Section:
+    title = "Parameter importances"
+    n = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if n < 2:
+        return Section(title, f"Needs at least 2 complete trials to compare; this search has {n}.")
+    # PED-ANOVA rather than Optuna's default fANOVA: it needs no scikit-learn and no random seed.
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    with warnings.catch_warnings(record=True) as caught, matplotlib.rc_context():
+        warnings.simplefilter("always")
+        try:
+            if not optuna.importance.get_param_importances(study, evaluator=evaluator):
+                raise ValueError("no parameter was sampled in the complete trials")
+            ax = optuna.visualization.matplotlib.plot_param_importances(
+                study, evaluator=evaluator, target_name=metric
+            )
+        except (ValueError, RuntimeError) as exc:  # e.g. every trial sampled the same values
+            return Section(title, f"Not computed: {type(exc).__name__}: {exc}.")
+    _save_optuna(ax, path)
+    caption = (
+        f"PED-ANOVA importance of each parameter for reaching the top of {metric}, "
+        f"over the {n} complete trials."
+    )
+    if any("may be inaccurate" in str(w.message) for w in caught):
+        caption += " Optuna warns that this few trials make the estimate rough."
+    return Section(title, caption, path)
+
+
+def plot_curves(records: list[TrialRecord], metric: str, path: Path) -> Section:
+    title = "Per-trial curves"
+    with_rows = [r for r in records if any("val_loss" in row for row in r.rows)]
+    with_objective = [r for r in records if r.objective]
+    if not with_rows and not with_objective:
+        return Section(title, "No trial reported a metric, so there are no curves.")
+    # val_loss and the objective have different units: one panel each, never mixed on one axis.
+    panels = [("val_loss (metrics.jsonl)", with_rows, _loss_curve)] if with_rows else []
+    panels.append((f"{metric} (Optuna intermediate values)", with_objective, _objective_curve))
+    fig = Figure(figsize=(6.2 * len(panels), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = _colors(records)
+    for ax, (ylabel, group, curve) in zip(axes, panels, strict=True):
+        for r in group:
+            _draw_curve(ax, r, curve(r), colors[r.number])
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _log_if_wide(ax, [v for r in group for v in curve(r).values()])
+        ax.grid(alpha=0.3)
+    _legend(fig, records, colors)
+    missing = [f"#{r.number}" for r in with_objective if r not in with_rows]
+    caption = "Solid: complete, dashed: pruned, dotted: failed; | marks an unfreeze event."
+    if with_rows and missing:
+        caption += f" No metrics.jsonl left for {', '.join(missing)} (right panel only)."
+    elif not with_rows:
+        caption += " No trial's metrics.jsonl was found, so val_loss is not drawn."
+    return Section(title, caption, _save(fig, path))
+
+
+def _loss_curve(r: TrialRecord) -> dict[int, float]:
+    return {int(row["epoch"]): row["val_loss"] for row in r.rows if "val_loss" in row}
+
+
+def _objective_curve(r: TrialRecord) -> dict[int, float]:
+    return r.objective
+
+
+def _draw_curve(ax: Any, r: TrialRecord, curve: dict[int, float], color: Any) -> None:
+    epochs = sorted(curve)
+    ax.plot(epochs, [curve[e] for e in epochs], STYLES.get(r.state, "-"), color=color, lw=1.5)
+    events = [e for e in r.events if e in curve]
+    ax.plot(events, [curve[e] for e in events], "|", color=color, ms=16, mew=2.5)
+
+
+def plot_spikes(records: list[TrialRecord], path: Path) -> Section:
+    title = "Unfreeze spikes: pruned vs completed"
+    keys = {"spike_worst_loss_ratio": "loss", "spike_worst_grad_ratio": "grad-norm"}
+    groups = [s for s in STYLES if any(r.state == s and keys.keys() & r.final for r in records)]
+    if not groups:
+        return Section(title, "No trial reported spike signals.")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    rng = np.random.default_rng(0)  # the jitter only spreads points; fixed so reports repeat
+    for ax, (key, name) in zip(fig.subplots(1, 2), keys.items(), strict=True):
+        for i, state in enumerate(groups):
+            points = [
+                (r.number, r.final[key]) for r in records if r.state == state and key in r.final
+            ]
+            if not points:
+                continue
+            xs = i + rng.uniform(-0.15, 0.15, len(points))
+            ys = [v for _, v in points]
+            ax.scatter(xs, ys, color=STATE_COLORS[state], alpha=0.75, s=36, zorder=3)
+            ax.hlines(float(np.median(ys)), i - 0.3, i + 0.3, color="black", lw=2)
+            if len(records) <= 30:
+                for x, (number, y) in zip(xs, points, strict=True):
+                    ax.annotate(f"#{number}", (x, y), xytext=(5, 2), textcoords="offset points")
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.set_xticks(range(len(groups)), [f"{g} ({_count(records, g)})" for g in groups])
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        ax.set(ylabel=f"worst {name} ratio to the pre-unfreeze baseline", title=f"{name} spikes")
+        _log_if_wide(ax, [r.final[key] for r in records if key in r.final])
+        ax.grid(alpha=0.3, axis="y")
+    caption = (
+        "Worst ratio to the pre-unfreeze baseline over a trial's unfreeze events "
+        "(1 = no spike, dashed); black bars are medians."
+    )
+    return Section(title, caption, _save(fig, path))
+
+
+def plot_ratios(records: list[TrialRecord], top: int, maximize: bool, path: Path) -> Section:
+    done = [r for r in records if r.state == "complete" and r.value is not None]
+    best = sorted(done, key=lambda r: r.value or 0.0, reverse=maximize)[:top]
+    series = [(r, *_ratio_series(r)) for r in best]
+    series = [s for s in series if s[1]]
+    title = f"Trainable backbone of the best {len(series) or top} complete trials"
+    if not series:
+        return Section(title, "No complete trial with a trainable-ratio record.")
+    fig = Figure(figsize=(9, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    approx = []
+    for i, (r, points, exact) in enumerate(series):
+        ax.plot(
+            [e for e, _ in points],
+            [v for _, v in points],
+            "-" if exact else ":",
+            drawstyle="steps-post",
+            marker="o",
+            ms=3,
+            lw=1.5 + 1.5 * (len(series) - 1 - i),  # equal schedules overlap: nested, not hidden
+            label=f"{r.label} ({r.value:.4g})",
+        )
+        approx += [] if exact else [f"#{r.number}"]
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="trainable share of the backbone", ylim=(-0.03, 1.03))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    caption = "Share of backbone parameters trainable at each epoch, best trial first in legend."
+    if approx:
+        caption += (
+            f" Dotted ({', '.join(approx)}): metrics.jsonl is gone; rebuilt from the unfreeze "
+            "timeline, assuming blocks of equal size."
+        )
+    return Section(title, caption, _save(fig, path))
+
+
+def _ratio_series(r: TrialRecord) -> tuple[list[tuple[int, float]], bool]:
+    """(epoch, backbone trainable ratio) and whether it was measured (True) or rebuilt."""
+    measured = [
+        (int(row["epoch"]), row["backbone_trainable_ratio"])
+        for row in r.rows
+        if "backbone_trainable_ratio" in row
+    ]
+    if measured or "backbone_trainable_ratio" not in r.final:
+        return measured, True
+    ratio, blocks = r.final["backbone_trainable_ratio"], r.final.get("unfrozen_blocks", 0.0)
+    last = int(r.final.get("epoch", max(r.objective, default=0)))
+    points = []
+    for epoch in range(last + 1):
+        n = max((k for e, k in r.timeline if e <= epoch), default=0)
+        points.append((epoch, ratio * n / blocks if blocks else ratio))
+    return points, False
+
+
+def _log_if_wide(ax: Any, values: list[float]) -> None:
+    """A log axis when values span more than 20x: one diverged trial must not flatten the rest."""
+    if values and min(values) > 0 and max(values) / min(values) > 20:
+        ax.set_yscale("log")
+
+
+def _colors(records: list[TrialRecord]) -> dict[int, Any]:
+    if len(records) > MAX_LABELS:  # too many to tell apart: color by state instead
+        return {r.number: STATE_COLORS.get(r.state, "tab:gray") for r in records}
+    cmap = matplotlib.colormaps["tab20" if len(records) > 10 else "tab10"]
+    return {r.number: cmap(i) for i, r in enumerate(records)}
+
+
+def _legend(fig: Figure, records: list[TrialRecord], colors: dict[int, Any]) -> None:
+    per_trial = len(records) <= MAX_LABELS  # else the colors are the states'
+    handles = [
+        Line2D([], [], color="black" if per_trial else STATE_COLORS[s], ls=STYLES[s], label=s)
+        for s in STYLES
+        if _count(records, s)
+    ]
+    handles.append(
+        Line2D([], [], color="black", ls="", marker="|", ms=12, mew=2, label="unfreeze event")
+    )
+    if per_trial:
+        handles += [Line2D([], [], color=colors[r.number], lw=3, label=r.label) for r in records]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+
+
+def _count(records: list[TrialRecord], state: str) -> int:
+    return sum(r.state == state for r in records)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _save_optuna(ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt  # Optuna draws with pyplot: close its figure after saving
+
+    fig = ax.figure
+    fig.set_size_inches(9, 4.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+
+def trials_table(records: list[TrialRecord], metric: str) -> pd.DataFrame:
+    """One row per trial: what the page lists under its plots."""
+    return pd.DataFrame(
+        {
+            "trial": [r.number for r in records],
+            "state": [r.state for r in records],
+            "strategy": [r.strategy for r in records],
+            metric: [r.value for r in records],
+            "epochs": [int(r.final["epoch"]) + 1 if "epoch" in r.final else None for r in records],
+            "backbone trainable": [r.final.get("backbone_trainable_ratio") for r in records],
+            "worst spike (loss x)": [r.final.get("spike_worst_loss_ratio") for r in records],
+            "reason": [r.reason for r in records],
+        }
+    )
+
+
+def build_report(
+    search_folder: Path,
+    out: Path | None = None,
+    *,
+    study_storage: str | None = None,
+    study_name: str | None = None,
+    top: int = 5,
+) -> Path:
+    """Write the report's PNGs and its self-contained index.html into ``out``; return the page."""
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # headless by default; a session that chose a backend keeps it
+    study = open_study(search_folder, study_storage=study_storage, study_name=study_name)
+    records = read_trials(study, search_folder)
+    if not records:  # nothing to plot or list: an error, so scripts notice (exit 2)
+        message = f"study {study.study_name!r} has no trials yet (one is recorded when it ends)"
+        raise _bad_search(search_folder, message, "report once the search has ended a trial")
+    out = Path(out) if out is not None else _folder(search_folder) / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    metric = objective_name(records)
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    sections = [
+        plot_history(study, metric, out / "history.png"),
+        plot_importances(study, metric, out / "importances.png"),
+        plot_curves(records, metric, out / "curves.png"),
+        plot_spikes(records, out / "spikes.png"),
+        plot_ratios(records, top, maximize, out / "ratios.png"),
+    ]
+    for name in ("history", "importances", "curves", "spikes", "ratios"):
+        if all(s.png != out / f"{name}.png" for s in sections):
+            (out / f"{name}.png").unlink(missing_ok=True)  # a stale plot from an earlier report
+    page = out / "index.html"
+    page.write_text(_page(study, records, metric, sections))
+    return page
+
+
+def _page(
+    study: optuna.Study, records: list[TrialRecord], metric: str, sections: list[Section]
+) -> str:
+    counts = ", ".join(f"{_count(records, s)} {s}" for s in ("complete", "pruned", "fail"))
+    done = [r for r in records if r.state == "complete" and r.value is not None]
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    best = (max if maximize else min)(done, key=lambda r: r.value or 0.0) if done else None
+    summary = f"{len(records)} trials: {counts}. Direction: {'max' if maximize else 'min'}imize."
+    if best is not None:
+        summary += f" Best: trial {best.number} ({best.strategy}), {metric} = {best.value:.4g}."
+    table = trials_table(records, metric).to_html(
+        index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, classes="trials"
+    )
+    title = html.escape(f"Search {study.study_name}")
+    body = "\n".join(_section_html(s) for s in sections)
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em auto; max-width: 1300px; color: #222; }}
+img {{ max-width: 100%; border: 1px solid #ddd; }}
+figcaption, .note {{ color: #555; margin: .4em 0 1.6em; }}
+table.trials {{ border-collapse: collapse; font-size: 14px; }}
+table.trials td, table.trials th {{ padding: 3px 10px; border-bottom: 1px solid #ddd; }}
+</style></head><body>
+<h1>{title}</h1>
+<p>{html.escape(summary)}</p>
+{body}
+<h2>Trials</h2>
+{table}
+</body></html>
+"""
+
+
+def _section_html(s: Section) -> str:
+    head = f"<h2>{html.escape(s.title)}</h2>"
+    if s.png is None:
+        return f'{head}\n<p class="note">{html.escape(s.caption)}</p>'
+    data = base64.b64encode(s.png.read_bytes()).decode("ascii")  # one file to share
+    return (
+        f'{head}\n<figure><img src="data:image/png;base64,{data}" alt="{html.escape(s.title)}">'
+        f"\n<figcaption>{html.escape(s.caption)}</figcaption></figure>"
+    )
+
+
+# -- the dashboard -----------------------------------------------------------------------------
+
+
+def dashboard_command(
+    search_folder: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    study_storage: str | None = None,
+) -> list[str]:
+    """The argv that serves the search's study with optuna-dashboard (local-only by default)."""
+    if not 0 < port < 65536:
+        raise UserError(Problem("--port", port, "not a TCP port", "pass a port in 1..65535"))
+    url = storage_url(search_folder, study_storage)
+    # The script next to this interpreter: the dashboard of this environment, not one on PATH.
+    script = Path(sys.executable).parent / "optuna-dashboard"
+    if not script.is_file():
+        message = "optuna-dashboard is not installed in this environment"
+        raise UserError(Problem("dashboard", str(script), message, "pip install optuna-dashboard"))
+    return [str(script), url, "--host", host, "--port", str(port)]
+
+
+def run_dashboard(
+    search_folder: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    study_storage: str | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Serve the study until Ctrl-C (blocking)."""
+    argv = dashboard_command(search_folder, host=host, port=port, study_storage=study_storage)
+    log(f"optuna-dashboard on http://{host}:{port}/ for {argv[1]} (Ctrl-C stops it)")
+    if host in ("0.0.0.0", "::"):
+        log("warning: bound to every interface: anyone who reaches this machine can edit the study")
+    process = subprocess.Popen(argv)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # the dashboard got the same Ctrl-C; let it finish
+        process.wait()
+        return
+    if code:
+        raise UnfreezeHPOError(f"optuna-dashboard exited with code {code} (its message is above)")
