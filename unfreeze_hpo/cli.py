@@ -487,6 +487,17 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--allow-incomplete", action="store_true", help="also export a pruned or failed trial"
     )
+    p.add_argument(
+        "--format",
+        default="unfreeze-hpo",
+        help="unfreeze-hpo (default): a trial YAML that `unfreeze-hpo train --config` replays; "
+        "lightning-fts: an explicit schedule for Lightning's finetuning-scheduler",
+    )
+    p.add_argument(
+        "--fts-prefix",
+        help="lightning-fts: what the LightningModule puts before the model's parameter names "
+        "(default 'model.', the model held as self.model; '' for none)",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -495,7 +506,41 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from unfreeze_hpo import config, results
 
+    def prefix_of(prefix: str | None) -> str | None:
+        if prefix is not None and args.format != "lightning-fts":
+            fix = "drop it, or add --format lightning-fts"
+            raise ConfigError(Problem("--fts-prefix", prefix, "only for lightning-fts", fix))
+        return None if prefix is None else results.check_fts_prefix(prefix)
+
+    _all_or_errors(
+        lambda: results.check_export_format(args.format), lambda: prefix_of(args.fts_prefix)
+    )
     search = results.open_search(args.search, study_storage=args.study_storage)
+    if args.format == "lightning-fts":
+        prefix = results.FTS_PREFIX if args.fts_prefix is None else args.fts_prefix
+        fts = results.export_fts(
+            search,
+            Path(args.out),
+            args.trial,
+            allow_incomplete=args.allow_incomplete,
+            prefix=prefix,
+        )
+        record = fts.trial.provenance or {}
+        phases = "; ".join(
+            f"{i}: from epoch {p.epoch}, {', '.join(p.blocks)}"
+            + (f" at lr {p.lr:g}" if p.lr is not None else "")
+            for i, p in enumerate(fts.phases)
+        )
+        print(
+            f"wrote {fts.path}: trial {record.get('trial')} ({record.get('state')}), strategy "
+            f"{fts.trial.strategy.name}, {len(fts.phases)} finetuning-scheduler phases ({phases})"
+        )
+        print(
+            f"use it: FinetuningScheduler(ft_schedule={str(fts.path)!r}, "
+            "epoch_transitions_only=True, restore_best=False); parameter names start with "
+            f"{prefix!r}"
+        )
+        return 0
     out = results.export_schedule(
         search, Path(args.out), args.trial, allow_incomplete=args.allow_incomplete
     )
@@ -635,7 +680,8 @@ COMMANDS: dict[
     "export": (
         cmd_export,
         _export_args,
-        "export a trial as a schedule YAML that `unfreeze-hpo train --config` replays",
+        "export a trial: a schedule YAML that `unfreeze-hpo train --config` replays, or a "
+        "finetuning-scheduler schedule (--format lightning-fts)",
     ),
 }
 
