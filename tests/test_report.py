@@ -245,7 +245,7 @@ def test_wrong_study_name_and_empty_study(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no trials yet") as info:
         build_report(folder)
     assert info.value.problems[0].field == "SEARCH"
-    with pytest.raises(UserError, match=r"no study of that name .* \['empty'\]"):
+    with pytest.raises(UserError, match=r"study 'other' is not in .* \(it holds empty\)"):
         build_report(folder, study_name="other")
 
 

@@ -27,6 +27,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from unfreeze_hpo.config import STUDY_FILE
 from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
+from unfreeze_hpo.results import load_study
 
 REPORT_DIR = "report"  # inside the search folder, unless told otherwise
 STYLES = {"complete": "-", "pruned": "--", "fail": ":"}
@@ -88,16 +89,7 @@ def open_study(
 ) -> optuna.Study:
     """The search's Optuna study; a UserError naming SEARCH when there is none."""
     url = storage_url(search_folder, study_storage)
-    name = study_name or _folder(search_folder).name
-    try:
-        storage = optuna.storages.get_storage(url)
-    except Exception as exc:  # a bad URL or a missing driver is bad input: say which
-        raise _bad_search(url, f"cannot open the storage ({type(exc).__name__}: {exc})") from exc
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError as exc:
-        names = optuna.get_all_study_names(storage) or "none"
-        raise _bad_search(name, f"no study of that name in {url} (it holds {names})") from exc
+    return load_study(search_folder, study_name or _folder(search_folder).name, url)
 
 
 def _bad_search(value: object, message: str, fix: str = "") -> UserError:

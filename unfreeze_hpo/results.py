@@ -147,7 +147,7 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
         return _raise(_search_problem(path, why, _nearby_searches(folder)))
     cfg, base, space = _read_record(record)
     url = study_storage or cfg.study_storage or f"sqlite:///{folder / STUDY_FILE}"
-    study = _load_study(path, cfg.name, url)
+    study = load_study(path, cfg.name, url)
     return Search(folder, cfg.name, study, base, space, cfg.metric, cfg.mode, url)
 
 
@@ -171,17 +171,26 @@ def _read_record(record: Path) -> tuple[SearchConfig, TrialConfig, SearchSpace]:
     return cfg, base, space
 
 
-def _load_study(path: str | Path, name: str, url: str) -> optuna.Study:
+def load_study(path: str | Path, name: str, url: str) -> optuna.Study:
+    """The study ``name`` in ``url``, read-only; a UserError naming SEARCH when it is absent."""
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         # Optuna would create an empty database there; a reader must not write.
         why = "the search has no study yet (no trial has ended)"
         return _raise(_search_problem(path, why, "wait for the first trial, or start the search"))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=name, storage=url)
+        storage = optuna.storages.get_storage(url)
+    except Exception as exc:  # a bad URL or a missing database driver is bad input: say which
+        why = f"cannot open the storage {url} ({type(exc).__name__}: {exc})"
+        return _raise(_search_problem(path, why, "check --study-storage"))
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
+        names = ", ".join(optuna.get_all_study_names(storage)) or "none"
         fix = f"pass --study-storage with the URL the search wrote study {name!r} to"
-        return _raise(_search_problem(path, f"study {name!r} is not in {url}", fix))
+        return _raise(
+            _search_problem(path, f"study {name!r} is not in {url} (it holds {names})", fix)
+        )
 
 
 def _search_problem(path: str | Path, why: str, fix: str) -> Problem:
