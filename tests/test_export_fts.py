@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from unfreeze_hpo import config, results
+from unfreeze_hpo import config, export, results
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import SearchConfig, TrialConfig
@@ -119,7 +119,7 @@ MAPPINGS = {
 def test_phases_follow_the_strategys_unfreeze_events(blocks: Blocks, case: str) -> None:
     strategy, expected = MAPPINGS[case]
     cfg = trial(strategy, backbone_lr_mult=0.1)
-    phases = results.fts_phases(cfg, blocks)
+    phases = export.fts_phases(cfg, blocks)
     got = [(p.epoch, list(p.blocks), p.max_transition_epoch, p.lr) for p in phases]
     assert got == [(e, b, m, pytest.approx(lr) if lr else lr) for e, b, m, lr in expected]
     for phase in phases:
@@ -132,28 +132,28 @@ def test_phases_follow_the_strategys_unfreeze_events(blocks: Blocks, case: str) 
 
 def test_a_phase_of_blocks_with_different_lrs_takes_the_deepests(blocks: Blocks) -> None:
     strategy = MAPPINGS["early_gradual"][0]
-    phase = results.fts_phases(trial(strategy, backbone_lr_mult=0.1), blocks)[1]
+    phase = export.fts_phases(trial(strategy, backbone_lr_mult=0.1), blocks)[1]
     assert phase.block_lrs == pytest.approx((0.003, 0.0015))  # B4 (nearest the head), B3
     assert phase.lr == phase.block_lrs[0]
-    no_decay = results.fts_phases(trial(strategy, backbone_lr_mult=0.1, layer_decay=1.0), blocks)
+    no_decay = export.fts_phases(trial(strategy, backbone_lr_mult=0.1, layer_decay=1.0), blocks)
     assert no_decay[1].block_lrs == pytest.approx((0.003, 0.003))
 
 
 def test_adaptive_takes_the_recorded_events_others_their_plan(blocks: Blocks) -> None:
     adaptive = trial({"name": "adaptive", "patience": 2})
     recorded = [{"epoch": 2, "n_trainable": 1}, {"epoch": 4, "n_trainable": 2}]
-    phases = results.fts_phases(adaptive, blocks, recorded, prefix="")
+    phases = export.fts_phases(adaptive, blocks, recorded, prefix="")
     assert [(p.epoch, p.blocks, p.max_transition_epoch) for p in phases] == [
         (0, (HEAD,), 2),
         (2, (B4,), 4),
         (4, (B3,), 5),
     ]
     assert phases[1].params == names(blocks, [B4], prefix="")
-    assert [p.blocks for p in results.fts_phases(adaptive, blocks)] == [(HEAD,)]  # no plateau
+    assert [p.blocks for p in export.fts_phases(adaptive, blocks)] == [(HEAD,)]  # no plateau
     # A deterministic strategy is its plan: a recorded timeline (e.g. of a pruned trial) is not
     # what `train --config` replays, so it is not what the FTS schedule follows either.
     gradual = trial(MAPPINGS["early_gradual"][0])
-    assert results.fts_phases(gradual, blocks, recorded) == results.fts_phases(gradual, blocks)
+    assert export.fts_phases(gradual, blocks, recorded) == export.fts_phases(gradual, blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def add_trial(
     )
 
 
-def export(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+def run_export(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(["export", *argv])
     out, err = capsys.readouterr()
     return code, out, err
@@ -214,7 +214,7 @@ def test_export_writes_an_fts_schedule_of_the_best_trial(
 ) -> None:
     out_file = tmp_path / "fts.yaml"
     argv = [str(search_folder), "--format", "lightning-fts", "--out", str(out_file)]
-    code, out, err = export(capsys, *argv)
+    code, out, err = run_export(capsys, *argv)
     assert code == 0, err
     assert f"wrote {out_file}: trial 0 (complete), strategy early_gradual, 4" in out
     assert "epoch_transitions_only=True" in out
@@ -228,7 +228,7 @@ def test_export_writes_an_fts_schedule_of_the_best_trial(
     assert (schedule[1]["max_transition_epoch"], schedule[1]["lr"]) == (2, 0.003)
     assert [schedule[k]["max_transition_epoch"] for k in (2, 3)] == [3, 5]
 
-    code, out, err = export(capsys, *argv, "--trial", "1", "--fts-prefix", "")
+    code, out, err = run_export(capsys, *argv, "--trial", "1", "--fts-prefix", "")
     assert code == 0, err
     schedule = yaml.safe_load(out_file.read_text())  # adaptive: its recorded events
     assert [(s["params"], s["max_transition_epoch"]) for s in schedule.values()] == [
@@ -236,7 +236,7 @@ def test_export_writes_an_fts_schedule_of_the_best_trial(
         (list(names(blocks, [B4], "")), 4),
         (list(names(blocks, [B3], "")), 5),
     ]
-    code, out, err = export(capsys, *argv, "--trial", "2")
+    code, out, err = run_export(capsys, *argv, "--trial", "2")
     assert code == 0, err
     assert yaml.safe_load(out_file.read_text()) == {
         0: {"params": list(names(blocks, [HEAD])), "max_transition_epoch": 5}
@@ -248,12 +248,12 @@ def test_export_refuses_bad_format_options_at_once(
 ) -> None:
     out_file = tmp_path / "fts.yaml"
     folder = str(search_folder)
-    code, out, err = export(capsys, folder, "--out", str(out_file), "--format", "fts")
+    code, out, err = run_export(capsys, folder, "--out", str(out_file), "--format", "fts")
     assert code == 2 and "--format: unknown export format" in err and "lightning-fts" in err
-    code, out, err = export(capsys, folder, "--out", str(out_file), "--fts-prefix", "model.")
+    code, out, err = run_export(capsys, folder, "--out", str(out_file), "--fts-prefix", "model.")
     assert code == 2 and "--fts-prefix" in err and "only for lightning-fts" in err
     argv = [folder, "--out", str(out_file), "--format", "lightning-fts", "--fts-prefix", "net"]
-    code, out, err = export(capsys, *argv)
+    code, out, err = run_export(capsys, *argv)
     assert code == 2 and "must end with '.'" in err and "--fts-prefix net." in err
     assert "Traceback" not in out + err
     assert not out_file.exists()
@@ -277,13 +277,13 @@ def test_finetuning_scheduler_runs_the_schedule_as_the_trial_unfroze(
     from finetuning_scheduler import FinetuningScheduler
 
     schedule = tmp_path / "fts.yaml"
-    code, _, err = export(
+    code, _, err = run_export(
         capsys, str(search_folder), "--format", "lightning-fts", "--out", str(schedule)
     )
     assert code == 0, err
     search = results.open_search(search_folder)
-    cfg = results.trial_config(search, 0)
-    phases = results.fts_phases(cfg, blocks)
+    cfg = export.trial_config(search, 0)
+    phases = export.fts_phases(cfg, blocks)
 
     torch.manual_seed(0)
     module = _wrapper(

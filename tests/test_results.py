@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from unfreeze_hpo import config, results, train
+from unfreeze_hpo import config, export, results, train
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search import load_inputs, run_search
@@ -416,12 +416,12 @@ def test_a_failed_export_leaves_the_previous_file_intact(
 
     monkeypatch.setattr(yaml, "dump", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        results.export_schedule(search, out_file)
+        export.export_schedule(search, out_file)
     assert out_file.read_text() == "previous: schedule\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["schedule.yaml"]  # no temp file left
 
     monkeypatch.undo()
-    results.export_schedule(search, out_file)
+    export.export_schedule(search, out_file)
     assert config.load(out_file).provenance is not None
 
 

@@ -504,21 +504,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from unfreeze_hpo import config, results
+    from unfreeze_hpo import config, export, results
 
     def prefix_of(prefix: str | None) -> str | None:
         if prefix is not None and args.format != "lightning-fts":
             fix = "drop it, or add --format lightning-fts"
             raise ConfigError(Problem("--fts-prefix", prefix, "only for lightning-fts", fix))
-        return None if prefix is None else results.check_fts_prefix(prefix)
+        return None if prefix is None else export.check_fts_prefix(prefix)
 
     _all_or_errors(
-        lambda: results.check_export_format(args.format), lambda: prefix_of(args.fts_prefix)
+        lambda: export.check_export_format(args.format), lambda: prefix_of(args.fts_prefix)
     )
     search = results.open_search(args.search, study_storage=args.study_storage)
     if args.format == "lightning-fts":
-        prefix = results.FTS_PREFIX if args.fts_prefix is None else args.fts_prefix
-        fts = results.export_fts(
+        prefix = export.FTS_PREFIX if args.fts_prefix is None else args.fts_prefix
+        fts = export.export_fts(
             search,
             Path(args.out),
             args.trial,
@@ -541,7 +541,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{prefix!r}"
         )
         return 0
-    out = results.export_schedule(
+    out = export.export_schedule(
         search, Path(args.out), args.trial, allow_incomplete=args.allow_incomplete
     )
     cfg = config.load(out)
