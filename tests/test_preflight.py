@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from support import cpu_fp16_autocast
 
 from unfreeze_hpo import preflight as preflight_module
 from unfreeze_hpo.cli import main
@@ -64,15 +65,6 @@ def checks(result: PreflightResult) -> dict[str, bool]:
 
 def detail(result: PreflightResult, name: str) -> str:
     return next(c.detail for c in result.checks if c.name == name)
-
-
-def cpu_fp16_autocast() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.conv3d(torch.ones(1, 1, 2, 2, 2), torch.ones(1, 1, 1, 1, 1))
-        return out.dtype == torch.float16
-    except (RuntimeError, TypeError):
-        return False
 
 
 @pytest.fixture

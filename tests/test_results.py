@@ -16,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from support import SPIKY_SPACE, TINY_BASE
 
 from unfreeze_hpo import config, export, results, train
 from unfreeze_hpo.cli import main
@@ -25,31 +26,6 @@ from unfreeze_hpo.space import load_space
 
 State = optuna.trial.TrialState
 
-# The tiny task and two-branch space of tests/test_search.py (see there for the calibration):
-# `fixed` opens all 5 blocks at epoch 2 and spikes (pruned above x1.3), `early_gradual` opens one.
-TINY_BASE = """\
-model: {name: "pytorchvideo:resnet3d_tiny", pretrain_on_source: false}
-data: {kind: synthetic_video, train_samples: 64, val_samples: 32}
-epochs: 4
-batch_size: 16
-signals: {baseline_steps: 4, window_steps: 4}
-schedule: {kind: constant}
-frozen_norm_eval: false
-"""
-SPIKY_SPACE = """\
-strategy: [fixed, early_gradual]
-strategies:
-  fixed:
-    phases: [[0, 0], [2, 5]]
-  early_gradual:
-    freeze_epochs: 1
-    blocks_per_epoch: 1
-    target_ratio: {type: float, low: 0.2, high: 0.7}
-common:
-  optimizer.lr: 3e-2
-  optimizer.backbone_lr_mult: {type: float, low: 0.1, high: 50.0, log: true}
-  optimizer.unfreeze_warmup_steps: 8
-"""
 FAIL_REASON = "TrialFailed: diverged at epoch 0, step 3: 2 consecutive steps with non-finite loss"
 HYPERPARAMETERS = ["optimizer.backbone_lr_mult", "early_gradual.target_ratio"]
 

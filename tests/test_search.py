@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 import pytest
 import ray
+from support import SPIKY_SPACE, TINY_BASE
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
@@ -35,37 +36,6 @@ from unfreeze_hpo.space import load_space
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
 
-# frozen_norm_eval: false keeps BatchNorm in train mode throughout: without pretraining, the
-# switch from eval-mode (initial) running stats at an unfreeze jumps the loss x2.3 whatever the
-# LR, and the spike test would not tell aggressive schedules from gentle ones.
-TINY_BASE = """\
-model: {name: "pytorchvideo:resnet3d_tiny", pretrain_on_source: false}
-data: {kind: synthetic_video, train_samples: 64, val_samples: 32}
-epochs: 4
-batch_size: 16
-signals: {baseline_steps: 4, window_steps: 4}
-schedule: {kind: constant}
-frozen_norm_eval: false
-"""
-
-# Optimizer fields are common to all branches, so the branches differ by schedule: fixed opens
-# all 5 blocks at epoch 2, early_gradual opens only the last one (target_ratio <= 0.7) at epoch 1.
-# Measured loss ratios over the whole backbone_lr_mult range: fixed 1.61-3.24, early_gradual
-# 0.88-1.10; the search prunes above 1.3.
-SPIKY_SPACE = """\
-strategy: [fixed, early_gradual]
-strategies:
-  fixed:
-    phases: [[0, 0], [2, 5]]
-  early_gradual:
-    freeze_epochs: 1
-    blocks_per_epoch: 1
-    target_ratio: {type: float, low: 0.2, high: 0.7}
-common:
-  optimizer.lr: 3e-2
-  optimizer.backbone_lr_mult: {type: float, low: 0.1, high: 50.0, log: true}
-  optimizer.unfreeze_warmup_steps: 8
-"""
 PRUNE_LOSS_RATIO = 1.3
 
 # AdamW at lr 1e37 makes the head's logits overflow from the first step: non-finite training

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from support import cpu_fp16_autocast
 
 import unfreeze_hpo
 from unfreeze_hpo import train
@@ -176,15 +177,6 @@ def inf_grad_at(param: torch.nn.Parameter, backward: int) -> None:
         return torch.full_like(grad, math.inf) if next(counter) == backward else None
 
     param.register_hook(hook)
-
-
-def cpu_fp16_autocast() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            out = torch.nn.functional.conv3d(torch.ones(1, 1, 2, 2, 2), torch.ones(1, 1, 1, 1, 1))
-        return out.dtype == torch.float16
-    except (RuntimeError, TypeError):
-        return False
 
 
 @pytest.fixture
