@@ -405,5 +405,5 @@ def test_the_yaml_writer_quotes_strings_the_project_reader_would_take_for_number
     tmp_path: Path,
 ) -> None:
     values = {"a": "1e3", "b": "010", "c": "yes", "d": 1e-5, "e": math.inf, "f": [[0, 0], [2, 5]]}
-    path = results._write_yaml(tmp_path / "v.yaml", values, "# header\n")
+    path = results.write_yaml(tmp_path / "v.yaml", values, "# header\n")
     assert config.parse_yaml(path.read_text())[0] == values

@@ -18,14 +18,14 @@ from unfreeze_hpo import strategies
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.results import (
-    _RAY_KEYS,
-    _STATE_NAMES,
+    RAY_KEYS,
+    STATE_NAMES,
     Search,
-    _Dumper,
-    _or,
-    _write_atomic,
-    _write_yaml,
+    YamlDumper,
     best_trials,
+    or_list,
+    write_atomic,
+    write_yaml,
 )
 
 if TYPE_CHECKING:  # blocks imports torch: only the lightning-fts format needs it at run time
@@ -54,12 +54,12 @@ def trial_config(search: Search, number: int) -> TrialConfig:
         "study_storage": search.study_url,
         "trial": number,
         "ray_trial_id": attrs.get("ray_trial_id"),
-        "state": _STATE_NAMES.get(trial.state, trial.state.name.lower()),
+        "state": STATE_NAMES.get(trial.state, trial.state.name.lower()),
         "reason": attrs.get("reason") or None,
         "metric": search.metric,
         "mode": search.mode,
         "value": trial.value,
-        "final": {k: v for k, v in (attrs.get("final") or {}).items() if k not in _RAY_KEYS},
+        "final": {k: v for k, v in (attrs.get("final") or {}).items() if k not in RAY_KEYS},
         "timeline": _timeline(cfg, attrs.get("timeline") or []),
     }
     return cfg.replace(output_dir=f"runs/{search.name}-trial-{number}", provenance=provenance)
@@ -77,13 +77,13 @@ def export_schedule(
         f"# trial {number} of search {search.name!r} ({search.folder}), exported by unfreeze-hpo\n"
         f"# replay: unfreeze-hpo train --config {out.name}\n"
     )
-    return _write_yaml(out, cfg.to_dict(), header, check=True)
+    return write_yaml(out, cfg.to_dict(), header, check=True)
 
 
 def check_export_format(fmt: str) -> str:
     """``fmt`` if it is one of EXPORT_FORMATS, else the ConfigError that says which are."""
     if fmt not in EXPORT_FORMATS:
-        fix = f"use {_or(EXPORT_FORMATS)}"
+        fix = f"use {or_list(EXPORT_FORMATS)}"
         raise ConfigError(Problem("--format", fmt, "unknown export format", fix))
     return fmt
 
@@ -104,7 +104,7 @@ def _exportable(search: Search, out: Path, number: int | None, allow_incomplete:
         number = int(best_trials(search)["number"].iloc[0])
     trial = _trial(search, number)
     if trial.state != TrialState.COMPLETE and not allow_incomplete:
-        state = _STATE_NAMES.get(trial.state, trial.state.name.lower())
+        state = STATE_NAMES.get(trial.state, trial.state.name.lower())
         reason = trial.user_attrs.get("reason")
         fix = "export a completed trial (see `unfreeze-hpo best`), or pass --allow-incomplete"
         why = f"trial {number} {'is' if state == 'running' else 'was'} {state}"
@@ -214,7 +214,7 @@ def export_fts(
     phases = tuple(fts_phases(cfg, _discover_blocks(cfg), recorded, prefix))
     header = _fts_header(search, number, cfg, prefix, out)
     text = header + "".join(_fts_phase_text(i, phase) for i, phase in enumerate(phases))
-    _write_atomic(out, lambda f: f.write(text))
+    write_atomic(out, lambda f: f.write(text))
     return FtsSchedule(out, cfg, phases)
 
 
@@ -356,7 +356,7 @@ def _fts_phase_notes(k: int, phase: FtsPhase) -> list[str]:
 # YAML out
 
 
-class _FtsDumper(_Dumper):
+class _FtsDumper(YamlDumper):
     """Parameter lists one name a line: FTS schedules are read and edited by people."""
 
 

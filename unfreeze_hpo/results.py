@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # blocks imports torch: only export's lightning-fts format ne
 SEARCH_FILE = "search.yaml"  # what a search was run with: options, base config, space
 STATES = ("complete", "pruned", "failed", "running")
 FORMATS = ("table", "csv", "json")
-_STATE_NAMES = {
+STATE_NAMES = {
     TrialState.COMPLETE: "complete",
     TrialState.PRUNED: "pruned",
     TrialState.FAIL: "failed",
@@ -47,7 +47,7 @@ _STATE_NAMES = {
 _TAIL = ("value", "final", "epochs", "trainable_ratio", "worst_spike", "reason", "ray_trial_id")
 _RAY_TRIAL_DIR = re.compile(r"^.+?_([0-9a-f]{5,})_\d+_")  # run_trial_<id>_<n>_<params>_<date>
 # Bookkeeping Ray adds to every result: not metrics the trial reached.
-_RAY_KEYS = frozenset(
+RAY_KEYS = frozenset(
     {
         "timestamp",
         "training_iteration",
@@ -92,7 +92,7 @@ def write_inputs(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> Pa
         "space_source": space.source,
     }
     header = "# written by unfreeze-hpo search: the options, base config and space of this search\n"
-    return _write_yaml(cfg.folder / SEARCH_FILE, values, header)
+    return write_yaml(cfg.folder / SEARCH_FILE, values, header)
 
 
 def space_to_dict(space: SearchSpace) -> dict[str, Any]:
@@ -126,7 +126,7 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
     """Open the search folder ``path`` (``<storage_path>/<name>``); UserError when it is not one."""
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
-        raise UserError(_search_problem(path, "no such folder", _nearby_searches(folder.parent)))
+        raise UserError(search_problem(path, "no such folder", _nearby_searches(folder.parent)))
     record = folder / SEARCH_FILE
     if not record.is_file():
         if (folder / STUDY_FILE).exists() or (folder / "ray").is_dir():
@@ -135,9 +135,9 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
                 "run the same `unfreeze-hpo search` command again: it resumes the search, "
                 f"keeps its trials and records {SEARCH_FILE}"
             )
-            return _raise(_search_problem(path, why, fix))
+            return raise_problem(search_problem(path, why, fix))
         why = f"not a search folder (no {SEARCH_FILE})"
-        return _raise(_search_problem(path, why, _nearby_searches(folder)))
+        return raise_problem(search_problem(path, why, _nearby_searches(folder)))
     cfg, base, space = _read_record(record)
     url = study_storage or cfg.study_storage or f"sqlite:///{folder / STUDY_FILE}"
     study = load_study(path, cfg.name, url)
@@ -169,24 +169,26 @@ def load_study(path: str | Path, name: str, url: str) -> optuna.Study:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         # Optuna would create an empty database there; a reader must not write.
         why = "the search has no study yet (no trial has ended)"
-        return _raise(_search_problem(path, why, "wait for the first trial, or start the search"))
+        return raise_problem(
+            search_problem(path, why, "wait for the first trial, or start the search")
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = optuna.storages.get_storage(url)
     except Exception as exc:  # a bad URL or a missing database driver is bad input: say which
         why = f"cannot open the storage {url} ({type(exc).__name__}: {exc})"
-        return _raise(_search_problem(path, why, "check --study-storage"))
+        return raise_problem(search_problem(path, why, "check --study-storage"))
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         names = ", ".join(optuna.get_all_study_names(storage)) or "none"
         fix = f"pass --study-storage with the URL the search wrote study {name!r} to"
-        return _raise(
-            _search_problem(path, f"study {name!r} is not in {url} (it holds {names})", fix)
+        return raise_problem(
+            search_problem(path, f"study {name!r} is not in {url} (it holds {names})", fix)
         )
 
 
-def _search_problem(path: str | Path, why: str, fix: str) -> Problem:
+def search_problem(path: str | Path, why: str, fix: str) -> Problem:
     return Problem("SEARCH", str(path), why, fix)
 
 
@@ -196,7 +198,7 @@ def _nearby_searches(folder: Path) -> str:
     return f"give a search folder, <storage_path>/<name> (e.g. unfreeze-runs/demo){example}"
 
 
-def _raise(problem: Problem) -> Any:
+def raise_problem(problem: Problem) -> Any:
     raise UserError(problem)
 
 
@@ -232,7 +234,7 @@ def _study_row(search: Search, trial: FrozenTrial) -> dict[str, Any]:
     final = attrs.get("final") or {}
     return {
         "number": trial.number,
-        "state": _STATE_NAMES.get(trial.state, trial.state.name.lower()),
+        "state": STATE_NAMES.get(trial.state, trial.state.name.lower()),
         "strategy": _strategy(search, {**(attrs.get("config") or {}), **trial.params}),
         **{k: v for k, v in trial.params.items() if k != "strategy"},
         "value": trial.value,
@@ -343,10 +345,12 @@ def select(
     """Rows of ``state`` and ``strategy``, sorted by ``sort``; every bad option reported at once."""
     problems = []
     if state is not None and state not in STATES:
-        problems.append(Problem("--state", state, "unknown state", f"use one of {_or(STATES)}"))
+        problems.append(Problem("--state", state, "unknown state", f"use one of {or_list(STATES)}"))
     if strategy is not None and strategy not in search.space.strategies:
         why = "not a strategy of this search"
-        problems.append(Problem("--strategy", strategy, why, f"use {_or(search.space.strategies)}"))
+        problems.append(
+            Problem("--strategy", strategy, why, f"use {or_list(search.space.strategies)}")
+        )
     if sort is not None and sort not in table.columns:
         fix = f"use one of {', '.join(table.columns)}"
         problems.append(Problem("--sort", sort, "not a column of the table", fix))
@@ -364,7 +368,7 @@ def select(
 def check_format(fmt: str) -> str:
     """``fmt`` if it is one of FORMATS, else the ConfigError that says which are."""
     if fmt not in FORMATS:
-        raise ConfigError(Problem("--format", fmt, "unknown format", f"use {_or(FORMATS)}"))
+        raise ConfigError(Problem("--format", fmt, "unknown format", f"use {or_list(FORMATS)}"))
     return fmt
 
 
@@ -392,7 +396,7 @@ def best_trials(search: Search, top: int = 1, by_strategy: bool = False) -> pd.D
     table = trials_table(search)
     complete = table[table["state"] == "complete"]
     if complete.empty:
-        raise UserError(_no_completed(search, table))
+        raise UserError(no_completed(search, table))
     ranked = complete.sort_values(
         ["value", "number"], ascending=[search.mode == "min", True], kind="stable"
     )
@@ -411,7 +415,7 @@ def check_top(top: int) -> int:
     return top
 
 
-def _no_completed(search: Search, table: pd.DataFrame) -> Problem:
+def no_completed(search: Search, table: pd.DataFrame) -> Problem:
     counts = table["state"].value_counts()
     seen = ", ".join(f"{n} {state}" for state, n in counts.items()) or "no trials"
     fix = (
@@ -425,14 +429,14 @@ def _no_completed(search: Search, table: pd.DataFrame) -> Problem:
 # Writing YAML
 
 
-class _Dumper(yaml.SafeDumper):
+class YamlDumper(yaml.SafeDumper):
     """Quotes every string that PyYAML's YAML 1.1 rules *or* the project's YAML 1.2 reader would
     take for a number or boolean (``1e3``), so what is written reads back the same."""
 
 
 for _first, _resolvers in config._Loader.yaml_implicit_resolvers.items():
     for _tag, _regexp in _resolvers:
-        _Dumper.add_implicit_resolver(_tag, _regexp, None if _first is None else [_first])
+        YamlDumper.add_implicit_resolver(_tag, _regexp, None if _first is None else [_first])
 
 
 def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
@@ -441,18 +445,18 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
 
-def _write_yaml(path: Path, values: Mapping[str, Any], header: str, *, check: bool = False) -> Path:
-    """Write ``header`` and ``values`` as YAML through ``_write_atomic``. ``check``: the written
+def write_yaml(path: Path, values: Mapping[str, Any], header: str, *, check: bool = False) -> Path:
+    """Write ``header`` and ``values`` as YAML through ``write_atomic``. ``check``: the written
     file must load as a valid trial config before it replaces anything."""
 
     def body(f: TextIO) -> None:
         f.write(header)
-        yaml.dump(dict(values), f, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+        yaml.dump(dict(values), f, Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
 
-    return _write_atomic(path, body, check=check)
+    return write_atomic(path, body, check=check)
 
 
-def _write_atomic(path: Path, body: Callable[[TextIO], Any], *, check: bool = False) -> Path:
+def write_atomic(path: Path, body: Callable[[TextIO], Any], *, check: bool = False) -> Path:
     """Write through a temp file renamed over ``path``: a reader or a crash never sees half a
     file, and a failed write leaves the previous file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -482,8 +486,8 @@ def _check_config(tmp: Path, path: Path) -> None:
         ) from exc
 
 
-def _or(names: Sequence[str]) -> str:
+def or_list(names: Sequence[str]) -> str:
     return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
-_Dumper.add_representer(list, _represent_list)
+YamlDumper.add_representer(list, _represent_list)
