@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
 import torch
 
 # frozen_norm_eval: false keeps BatchNorm in train mode throughout: without pretraining, the
@@ -44,3 +50,30 @@ def cpu_fp16_autocast() -> bool:
         return out.dtype == torch.float16
     except (RuntimeError, TypeError):
         return False
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a process started with start_new_session=True and
+    everything it spawned that did not leave the session)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_session(sid: int, grace_s: float) -> list[int]:
+    """Wait up to grace_s for the session to empty, then SIGKILL what is left; the leftovers."""
+    deadline = time.monotonic() + grace_s
+    while (left := session_pids(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left

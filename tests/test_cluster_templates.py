@@ -328,7 +328,7 @@ MUTATIONS: list[Mutation] = [
     ("kuberay-rayjob.yaml", lambda t: t.replace("unfreeze@", "unfreeze:hunter2@"), "password"),
     (
         "kuberay-rayjob.yaml",
-        lambda t: t.replace("postgresql+psycopg2://", "sqlite:///"),
+        lambda t: t.replace("postgresql://", "sqlite:///"),
         "PostgreSQL",
     ),
     ("kuberay-rayjob.yaml", lambda t: t.replace("SidecarMode", "K8sJobMode"), "SidecarMode"),

@@ -222,6 +222,7 @@ def test_trials_command_filters_sorts_and_formats(
     code, out, _ = run(capsys, "trials", folder)
     assert code == 0
     assert "number" in out and "worst_spike" in out and FAIL_REASON in out
+    assert "None" not in out  # a missing reason or value shows as "-"
 
     code, out, _ = run(capsys, "trials", folder, "--state", "pruned", "--format", "csv")
     assert code == 0

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 import pytest
 import ray
-from support import SPIKY_SPACE, TINY_BASE
+from support import SPIKY_SPACE, TINY_BASE, reap_session
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
@@ -102,31 +102,6 @@ def spiky_space_file(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Resume after the driver is killed (own Ray per subprocess: must run before ray_session)
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[3]) == sid:
-            pids.append(int(entry.name))
-    return pids
-
-
-def reap_session(sid: int, grace_s: float) -> list[int]:
-    """Wait up to grace_s for the session to empty, then SIGKILL what is left; the leftovers."""
-    deadline = time.monotonic() + grace_s
-    while (left := session_pids(sid)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return left
 
 
 def count_recorded(db: Path) -> int:
@@ -323,6 +298,22 @@ def test_search_option_and_file_errors_are_reported_together(
 
 # ---------------------------------------------------------------------------------------------
 # Searches on the module's in-process Ray
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--gpus-per-trial", "0.5"), ("--cpus-per-trial", "3")]
+)
+def test_trials_the_cluster_cannot_hold_are_refused_before_anything_is_written(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    runs = tmp_path / "runs"
+    code = main(["search", option, value, "--storage-path", str(runs), "--no-preflight"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert f"{option}: no node of the cluster fits one trial" in err
+    assert "2 CPU/0 GPU" in err and "--no-resource-check" in err
+    assert "Traceback" not in out + err
+    assert not (runs / "demo" / "search.yaml").exists()
 
 
 @pytest.fixture(scope="module")

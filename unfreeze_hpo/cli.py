@@ -341,11 +341,13 @@ def _load_checked(path: str) -> Any:
 # search
 
 
-def _search_args(p: argparse.ArgumentParser) -> None:
+def _search_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     from unfreeze_hpo.config import SearchConfig
 
     # One option per SearchConfig field, so the command and the library cannot drift apart.
     for f in dataclasses.fields(SearchConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.default is True:
             p.add_argument(
@@ -371,9 +373,10 @@ def _search_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from unfreeze_hpo.config import SearchConfig
+    from unfreeze_hpo.config import SearchConfig, as_option
     from unfreeze_hpo.params import build
-    from unfreeze_hpo.search import PreflightFailed, load_inputs, run_search
+    from unfreeze_hpo.search import PreflightFailed, check_storage, load_inputs, run_search
+    from unfreeze_hpo.storage import redact
 
     values = {
         f.name: getattr(args, f.name)
@@ -382,19 +385,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     }
     problems: list[Problem] = []
     cfg = build(SearchConfig, values, "search", problems)
-    problems = [
-        dataclasses.replace(p, field="--" + p.field.split(".", 1)[1].replace("_", "-"))
-        for p in problems
-    ]
+    problems = [as_option(p) for p in problems]
     try:  # the space and base files too, so one run reports every problem
         load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
     except ConfigError as exc:
         problems += exc.problems
+    if cfg is not None:
+        problems += [as_option(p) for p in check_storage(cfg)]
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
     try:
         result = run_search(cfg)
+    except ConfigError as exc:  # e.g. storage_path cannot be written: name the option
+        raise ConfigError([as_option(p) for p in exc.problems]) from exc
     except PreflightFailed:
         print(
             "the search did not start: fix what the preflight reports, or pass --no-preflight",
@@ -409,7 +413,101 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best trial #{result.best.number}: {cfg.metric} {result.best.value:.4f}")
     for key, value in sorted(result.best.params.items()):
         print(f"    {key} = {value:.4g}" if isinstance(value, float) else f"    {key} = {value}")
-    print(f"results: {result.folder} (study {result.study_name!r} in {result.study_url})")
+    shown = redact(result.study_url)
+    print(f"results: {result.folder} (study {result.study_name!r} in {shown})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# submit, job (a search as a Ray Job on a cluster)
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="the cluster's Jobs server, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS, "
+        "$RAY_ADDRESS, else http://127.0.0.1:8265 through an SSH tunnel or port-forward)",
+    )
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    _address_arg(p)
+    p.add_argument(
+        "--working-dir",
+        default=".",
+        help="uploaded as the job's working dir; relative --space/--base paths are inside it "
+        "(default: the current folder; .venv, .git, checkpoints and unfreeze-runs are left out)",
+    )
+    p.add_argument("--job-id", help="the job's id (default: unfreeze-hpo-NAME-DATE-TIME)")
+    p.add_argument(
+        "--follow", action="store_true", help="print the job's logs until it ends, then its exit"
+    )
+    _search_args(p, skip=("address",))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from unfreeze_hpo import jobs
+    from unfreeze_hpo.config import SearchConfig
+
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SearchConfig)
+        if hasattr(args, f.name) and f.name != "address"
+    }
+    submission = jobs.prepare(values, args.working_dir, debug=args.debug)
+    for note in submission.notes:
+        print(f"note: {note}")
+    job_id = jobs.submit(submission, address=args.address, submission_id=args.job_id)
+    where = f" --address {args.address}" if args.address else ""
+    print(f"submitted job {job_id}: {submission.entrypoint}")
+    print(f"results: {submission.cfg.location}")
+    if not args.follow:
+        print(f"follow it:  unfreeze-hpo job logs {job_id} --follow{where}")
+        print(f"stop it:    unfreeze-hpo job stop {job_id}{where}")
+        return 0
+    state = jobs.logs(job_id, address=args.address, follow=True)
+    print(f"job {job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+JOB_ACTIONS = ("status", "logs", "stop", "list")
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=JOB_ACTIONS, help="what to do with the job")
+    p.add_argument("job_id", nargs="?", metavar="JOB", help="the id `submit` printed")
+    p.add_argument("--follow", action="store_true", help="logs: keep printing until the job ends")
+    _address_arg(p)
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from unfreeze_hpo import jobs
+
+    if args.action == "list":
+        rows = jobs.searches(address=args.address)
+        print(pd.DataFrame(rows).to_string(index=False) if rows else "no search jobs")
+        return 0
+    if not args.job_id:
+        fix = "pass the id `unfreeze-hpo submit` printed, or see them with `unfreeze-hpo job list`"
+        raise UserError(Problem("JOB", None, f"`job {args.action}` needs a job id", fix))
+    if args.action == "status":
+        info = jobs.status(args.job_id, address=args.address)
+        print(
+            f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else "")
+        )
+        results = (info.metadata or {}).get("results")
+        if results:
+            print(f"results: {results}")
+        return 0
+    if args.action == "logs":
+        state = jobs.logs(args.job_id, address=args.address, follow=args.follow)
+        if args.follow:
+            print(f"job {args.job_id}: {state}")
+        return 0
+    state = jobs.stop(args.job_id, address=args.address)
+    print(f"job {args.job_id}: {state}")
     return 0
 
 
@@ -567,9 +665,10 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from unfreeze_hpo.report import build_report
+    from unfreeze_hpo.results import local_folder
 
     page = build_report(
-        Path(args.search),
+        local_folder(args.search),
         Path(args.out) if args.out else None,
         study_storage=args.study_storage,
         top=args.top,
@@ -590,9 +689,10 @@ def _dashboard_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from unfreeze_hpo.report import run_dashboard
+    from unfreeze_hpo.results import local_folder
 
     run_dashboard(
-        Path(args.search), host=args.host, port=args.port, study_storage=args.study_storage
+        local_folder(args.search), host=args.host, port=args.port, study_storage=args.study_storage
     )
     return 0
 
@@ -671,6 +771,12 @@ COMMANDS: dict[
         _search_args,
         "search unfreezing hyperparameters (default: a demo on the embedded default task)",
     ),
+    "submit": (
+        cmd_submit,
+        _submit_args,
+        "submit a search to a Ray cluster as a Ray Job (it survives this machine disconnecting)",
+    ),
+    "job": (cmd_job, _job_args, "status, logs, stop or list of submitted search jobs"),
     "trials": (
         cmd_trials,
         _trials_args,

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from unfreeze_hpo import data, strategies
+from unfreeze_hpo import data, storage, strategies
 from unfreeze_hpo.data import DataConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.models import ModelSpec, parse_name
@@ -112,14 +112,41 @@ class SearchConfig:
     preflight: bool = param(True, help="run the overfit check before any trial")
     max_failures: int = param(1, ge=0, help="retries of a trial whose worker died")
     address: str | None = param(None, help="Ray cluster address; default a local Ray")
+    resource_check: bool = param(
+        True,
+        help="refuse to start when no node has a trial's CPUs and GPUs (turn off for "
+        "autoscaling clusters that add GPU nodes on demand)",
+    )
+
+    @property
+    def location(self) -> str:
+        """The search folder, ``<storage_path>/<name>``: an absolute local path or a URI."""
+        return storage.join(storage.resolve(self.storage_path), self.name)
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_uri(self.storage_path)
 
     @property
     def folder(self) -> Path:
-        return Path(self.storage_path).resolve() / self.name
+        """The search folder on this machine; only for a local (or NFS) ``storage_path``."""
+        if self.remote:
+            raise ValueError(f"storage_path {self.storage_path} is a URI, not a local folder")
+        return Path(self.location)
 
     @property
     def study_url(self) -> str:
+        """``study_storage``, else SQLite in a local search folder (a remote one needs a URL)."""
         return self.study_storage or f"sqlite:///{self.folder / STUDY_FILE}"
+
+
+def as_option(problem: Problem) -> Problem:
+    """A SearchConfig problem named by its command-line option (search.num_trials ->
+    --num-trials); other problems as they are."""
+    name = problem.field.removeprefix("search.")
+    if name not in {f.name for f in dataclasses.fields(SearchConfig)}:
+        return problem
+    return dataclasses.replace(problem, field="--" + name.replace("_", "-"))
 
 
 def _default_strategy() -> Strategy:

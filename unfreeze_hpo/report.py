@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from unfreeze_hpo.config import STUDY_FILE
 from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
-from unfreeze_hpo.results import load_study
+from unfreeze_hpo.results import load_study, recorded_study_storage
 
 REPORT_DIR = "report"  # inside the search folder, unless told otherwise
 STYLES = {"complete": "-", "pruned": "--", "fail": ":"}
@@ -79,6 +79,8 @@ def storage_url(search_folder: Path, study_storage: str | None = None) -> str:
     if not folder.is_dir():
         raise _bad_search(search_folder, "no such search folder")
     if not (folder / STUDY_FILE).is_file():
+        if recorded := recorded_study_storage(folder):  # a study in PostgreSQL or on NFS
+            return recorded
         raise _bad_search(search_folder, f"holds no {STUDY_FILE}: not a search folder")
     # Absolute, so a dashboard started from another working directory finds the same file.
     return f"sqlite:///{(folder / STUDY_FILE).resolve()}"

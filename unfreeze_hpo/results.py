@@ -24,7 +24,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from unfreeze_hpo import config
+from unfreeze_hpo import config, storage
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.params import build
@@ -83,7 +83,7 @@ class Search:
 # The search record (written by the search, read here)
 
 
-def write_inputs(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> Path:
+def write_inputs(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> str:
     """Write ``search.yaml`` into the search folder: what export needs to rebuild any trial."""
     values = {
         "search": dataclasses.asdict(cfg),
@@ -92,7 +92,12 @@ def write_inputs(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> Pa
         "space_source": space.source,
     }
     header = "# written by unfreeze-hpo search: the options, base config and space of this search\n"
-    return write_yaml(cfg.folder / SEARCH_FILE, values, header)
+    location = storage.join(cfg.location, SEARCH_FILE)
+    if cfg.remote:
+        storage.write_text(location, header + yaml_text(values))
+    else:
+        write_yaml(Path(location), values, header)
+    return location
 
 
 def space_to_dict(space: SearchSpace) -> dict[str, Any]:
@@ -123,8 +128,9 @@ def _spec(value: Any) -> Any:
 
 
 def open_search(path: str | Path, *, study_storage: str | None = None) -> Search:
-    """Open the search folder ``path`` (``<storage_path>/<name>``); UserError when it is not one."""
-    folder = Path(path).expanduser().resolve()
+    """Open the search folder ``path`` (``<storage_path>/<name>``, local or a URI); UserError when
+    it is not one. A remote search is read through a local mirror of its small files."""
+    folder = local_folder(path)
     if not folder.is_dir():
         raise UserError(search_problem(path, "no such folder", _nearby_searches(folder.parent)))
     record = folder / SEARCH_FILE
@@ -142,6 +148,39 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
     url = study_storage or cfg.study_storage or f"sqlite:///{folder / STUDY_FILE}"
     study = load_study(path, cfg.name, url)
     return Search(folder, cfg.name, study, base, space, cfg.metric, cfg.mode, url)
+
+
+def local_folder(path: str | Path) -> Path:
+    """The search folder ``path`` on this machine: itself, or for a URI a refreshed local mirror
+    of its records, results and metrics (see ``storage.mirror``)."""
+    if not storage.is_uri(str(path)):
+        return Path(path).expanduser().resolve()
+    location = str(path)
+    if problem := storage.check_location(location, "SEARCH"):
+        raise UserError(problem)
+    try:
+        if storage.read_text(storage.join(location, SEARCH_FILE)) is None:
+            why = f"not a search folder (no {SEARCH_FILE} there)"
+            fix = "give <storage_path>/<name> as the search wrote it, e.g. s3://bucket/runs/demo"
+            return raise_problem(search_problem(location, why, fix))
+        from unfreeze_hpo.embedded import cache_dir
+
+        return storage.mirror(location, cache_dir())
+    except OSError as exc:  # no such bucket, no credentials, endpoint down
+        why = f"cannot read it ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+        fix = "check the URI and that this machine's credentials can read it"
+        return raise_problem(search_problem(location, why, fix))
+
+
+def recorded_study_storage(folder: Path) -> str | None:
+    """The ``study_storage`` URL recorded in a search folder's ``search.yaml``, if any."""
+    try:
+        values, _ = config.parse_yaml((folder / SEARCH_FILE).read_text(encoding="utf-8"), "")
+    except (OSError, ConfigError):
+        return None
+    search = values.get("search") if isinstance(values, dict) else None
+    url = search.get("study_storage") if isinstance(search, dict) else None
+    return url if isinstance(url, str) and url else None
 
 
 def _read_record(record: Path) -> tuple[SearchConfig, TrialConfig, SearchSpace]:
@@ -174,17 +213,19 @@ def load_study(path: str | Path, name: str, url: str) -> optuna.Study:
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage = optuna.storages.get_storage(url)
+        db = optuna.storages.get_storage(url)
     except Exception as exc:  # a bad URL or a missing database driver is bad input: say which
-        why = f"cannot open the storage {url} ({type(exc).__name__}: {exc})"
+        why = f"cannot open the storage {storage.redact(url)} ({storage.database_error(exc)})"
         return raise_problem(search_problem(path, why, "check --study-storage"))
     try:
-        return optuna.load_study(study_name=name, storage=storage)
+        return optuna.load_study(study_name=name, storage=db)
     except KeyError:
-        names = ", ".join(optuna.get_all_study_names(storage)) or "none"
+        names = ", ".join(optuna.get_all_study_names(db)) or "none"
         fix = f"pass --study-storage with the URL the search wrote study {name!r} to"
         return raise_problem(
-            search_problem(path, f"study {name!r} is not in {url} (it holds {names})", fix)
+            search_problem(
+                path, f"study {name!r} is not in {storage.redact(url)} (it holds {names})", fix
+            )
         )
 
 
@@ -382,7 +423,11 @@ def render(table: pd.DataFrame, fmt: str = "table") -> str:
         return json.dumps(records, indent=2, default=_json_scalar)
     if table.empty:
         return "(no trials)"
-    return str(table.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    shown = table.copy()
+    for column in shown.columns:  # None in a text column prints as "None" otherwise
+        if not pd.api.types.is_numeric_dtype(shown[column]):
+            shown[column] = shown[column].where(shown[column].notna(), "-")
+    return str(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
 
 
 def _json_scalar(value: Any) -> Any:
@@ -443,6 +488,12 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
     # Lists of scalars on one line (phases, block names); nested structure stays in blocks.
     flow = all(not isinstance(v, dict | list) for v in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+def yaml_text(values: Mapping[str, Any]) -> str:
+    """``values`` as the YAML this project writes (reads back the same under its YAML 1.2 rules)."""
+    text: str = yaml.dump(dict(values), Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
+    return text
 
 
 def write_yaml(path: Path, values: Mapping[str, Any], header: str, *, check: bool = False) -> Path:

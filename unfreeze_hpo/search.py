@@ -22,6 +22,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from unfreeze_hpo import config as config_module
+from unfreeze_hpo import storage
 from unfreeze_hpo.config import SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
@@ -35,7 +36,7 @@ EXAMPLES = Path(__file__).parents[1] / "examples"
 
 @dataclass
 class SearchOutcome:
-    folder: Path
+    folder: str  # an absolute local path or a URI
     study_url: str
     study_name: str
     best: optuna.trial.FrozenTrial | None
@@ -60,18 +61,51 @@ def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
     return _absolute_paths(base), space
 
 
+def check_storage(cfg: SearchConfig) -> list[Problem]:
+    """Where the search writes: a storage_path pyarrow opens, a study database that works."""
+    problems = [p for p in [storage.check_location(cfg.storage_path, "storage_path")] if p]
+    if cfg.study_storage:
+        problems += [p for p in [storage.check_study_storage(cfg.study_storage)] if p]
+    elif cfg.remote:
+        problems.append(
+            Problem(
+                "study_storage",
+                None,
+                f"storage_path {cfg.storage_path} is a URI, and the default SQLite study needs a "
+                "local or NFS file",
+                "pass --study-storage postgresql://USER@HOST:5432/DB (a database the driver "
+                "reaches), or sqlite:////shared/nfs/study.db",
+            )
+        )
+    return problems
+
+
 def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes and return where its results are."""
     base, space = load_inputs(cfg)
-    cfg.folder.mkdir(parents=True, exist_ok=True)
-    write_inputs(cfg, base, space)  # what results need to rebuild a trial's full config
+    if problems := check_storage(cfg):
+        raise ConfigError(problems)
+    # Storage, database and cluster are all checked before anything is written.
+    if why := storage.unreachable(cfg.location):
+        fix = "check the bucket exists and this machine's credentials can write to it"
+        raise ConfigError(Problem("storage_path", cfg.storage_path, f"cannot use it: {why}", fix))
+    if cfg.study_storage and (problem := storage.connect_problem(cfg.study_storage)):
+        raise ConfigError(problem)
     if cfg.preflight:
         _preflight(base, log)
+    _start_ray(cfg)
+    if cfg.resource_check:  # trials no node can hold would wait forever
+        log(check_resources(cfg, _alive_nodes()))
+    try:  # what results need to rebuild a trial's full config; also proves we can write there
+        write_inputs(cfg, base, space)
+    except OSError as exc:  # pyarrow's errors for a missing bucket or no permission are OSErrors
+        why = f"cannot write {cfg.location} ({type(exc).__name__}: {exc})"
+        fix = "check the path or bucket exists and this machine's credentials can write to it"
+        raise ConfigError(Problem("storage_path", cfg.storage_path, why, fix)) from exc
     if base.model.pretrain_on_source:  # once here, rather than every trial waiting on the lock
         from unfreeze_hpo.embedded import source_checkpoint
 
         source_checkpoint(base, log)
-    _start_ray(cfg)
     base_values = base.to_dict()
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -83,9 +117,9 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         ),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
     )
-    path = str(cfg.folder / "ray")
+    path = storage.join(cfg.location, "ray")
     if tune.Tuner.can_restore(path):
-        log(f"resuming the search in {cfg.folder}")
+        log(f"resuming the search in {cfg.location}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = _new_tuner(cfg, base, space, trainable)
@@ -100,7 +134,7 @@ def outcome(cfg: SearchConfig) -> SearchOutcome:
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     best = study.best_trial if counts["complete"] else None  # optuna knows the direction
-    return SearchOutcome(cfg.folder, cfg.study_url, cfg.name, best, counts)
+    return SearchOutcome(cfg.location, cfg.study_url, cfg.name, best, counts)
 
 
 def _new_tuner(
@@ -152,7 +186,7 @@ def _new_tuner(
         ),
         run_config=tune.RunConfig(
             name="ray",
-            storage_path=str(cfg.folder),
+            storage_path=cfg.location,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[recorder, ProgressPrinter(cfg.metric, cfg.num_trials, scheduler)],
@@ -240,6 +274,8 @@ class StudyRecorder(tune.Callback):
             # Ray's durable trial folder under storage_path (local_path is a session temp dir).
             "trial_dir": str(getattr(trial, "path", "") or getattr(trial, "local_path", "") or ""),
             "timeline": self.timelines.get(trial.trial_id, []),
+            "node_id": str(last.get("node_id") or ""),  # the Ray node the trial ran on
+            "node_ip": str(last.get("node_ip") or ""),
         }
         study.add_trial(
             optuna.trial.create_trial(
@@ -380,6 +416,41 @@ def _start_ray(cfg: SearchConfig) -> None:
         ray.init(address=cfg.address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(cfg: SearchConfig, nodes: list[dict[str, float]]) -> str:
+    """How many trials the cluster's ``nodes`` (Ray resource dicts) fit at once, as a line to
+    print; a ConfigError when no node fits one, since such trials would wait forever."""
+    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    fits = [
+        math.floor(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9)
+        for node in nodes
+    ]
+    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
+    have = f"{len(nodes)} node(s) with {total['CPU']:g} CPUs and {total['GPU']:g} GPUs in all"
+    if not any(fits):
+        per_node = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+        most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        field = "gpus_per_trial" if cfg.gpus_per_trial > most_gpus else "cpus_per_trial"
+        value = getattr(cfg, field)
+        why = (
+            f"no node of the cluster fits one trial ({cfg.cpus_per_trial:g} CPU, "
+            f"{cfg.gpus_per_trial:g} GPU): {have} ({per_node})"
+        )
+        fix = (
+            "lower --cpus-per-trial / --gpus-per-trial, connect to a cluster with such nodes "
+            "(--address), or pass --no-resource-check if an autoscaler adds them on demand"
+        )
+        raise ConfigError(Problem(field, value, why, fix))
+    at_once = sum(fits)
+    line = f"cluster: {have}; {at_once} trial(s) fit at once"
+    if at_once < cfg.max_concurrent:
+        line += f" (fewer than --max-concurrent {cfg.max_concurrent})"
+    return line
 
 
 def _absolute_paths(base: TrialConfig) -> TrialConfig:

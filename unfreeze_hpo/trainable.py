@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -33,6 +34,7 @@ def run_trial(
 ) -> None:
     """Train the trial ``config`` (as sampled by OptunaSearch) on top of ``base``."""
     torch.set_num_threads(max(1, threads))
+    node = ray.get_runtime_context().get_node_id()  # which cluster node ran it, for the record
     context = tune.get_context()
     work = Path(context.get_trial_dir()) / "work"
     cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
@@ -51,7 +53,9 @@ def run_trial(
         with tempfile.TemporaryDirectory() as folder:
             for name in CARRIED:
                 shutil.copy2(work / name, folder)
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            tune.report(
+                {**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder)
+            )
 
     try:
         train.run(

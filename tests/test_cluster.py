@@ -1,0 +1,347 @@
+"""A search on a real two-node Ray cluster on localhost, submitted through the Ray Jobs API with
+``unfreeze-hpo submit``; the resource check; and what ``submit`` refuses before it uploads.
+
+The two nodes are separate ``ray start --block`` processes, each in its own session with one CPU,
+so a trial needing one CPU can only run two at a time by using both nodes. They are stopped by
+their own process ids (never ``ray stop``, which would end every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from support import TINY_BASE, reap_session
+
+from unfreeze_hpo import jobs
+from unfreeze_hpo.cli import main
+from unfreeze_hpo.config import SearchConfig
+from unfreeze_hpo.errors import ConfigError
+from unfreeze_hpo.search import check_resources
+
+RAY = Path(sys.executable).parent / "ray"
+SPACE = """\
+strategy: [early_gradual, frozen]
+common:
+  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
+"""
+TRIALS = 4
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def node_ports(ports: list[int]) -> list[str]:
+    """The ports one node listens on, all distinct from the other node's."""
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
+    return [f"--{name}={port}" for name, port in zip(names, ports, strict=False)]
+
+
+def start_node(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [str(RAY), "start", "--block", "--num-cpus=1", "--disable-usage-stats", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_for(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except Exception as exc:
+            last = exc
+        time.sleep(0.5)
+    raise TimeoutError(f"{what} did not come up in {timeout_s:.0f}s (last error: {last})")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[SimpleNamespace]:
+    """Head and worker as separate processes; the Jobs server on 127.0.0.1 only."""
+    temp = Path(tempfile.mkdtemp(prefix="uh-ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{RAY.parent}{os.pathsep}{env.get('PATH', '')}"  # `unfreeze-hpo` for the job
+    env["OMP_NUM_THREADS"] = "1"
+    # Token auth, as the cluster templates set it: nodes, driver and clients share the token.
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    gcs, dashboard, client_port, *ports = free_ports(15)
+    head = start_node(
+        [
+            "--head",
+            f"--port={gcs}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={client_port}",
+            f"--temp-dir={temp}",
+            *node_ports(ports[:6]),
+        ],
+        env,
+        temp / "head.log",
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    nodes = [head]
+    try:
+        wait_for(
+            lambda: cli(env, "job", "list", "--address", address).returncode == 0,
+            90,
+            "the head's Jobs API",
+        )
+        worker = start_node(
+            [
+                f"--address=127.0.0.1:{gcs}",
+                "--node-ip-address=127.0.0.1",
+                # Its own temp dir, as on a second machine: nodes sharing one would delete
+                # each other's copy of the job's working dir when their trials end.
+                f"--temp-dir={temp / 'w'}",
+                *node_ports(ports[6:]),
+            ],
+            env,
+            temp / "worker.log",
+        )
+        nodes.append(worker)
+        yield SimpleNamespace(address=address, gcs=f"127.0.0.1:{gcs}", temp=temp, env=env)
+    finally:
+        for node in nodes:  # SIGTERM: `ray start --block` stops the processes it started
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        leftovers = [reap_session(node.pid, 10) for node in nodes]
+        for log in ("head.log", "worker.log"):
+            print(f"--- {log}", (temp / log).read_text(errors="replace")[-2000:])
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not any(leftovers), f"processes left after the nodes stopped: {leftovers}"
+
+
+def cli(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    """The command as a user runs it, with the cluster's token in its environment."""
+    return subprocess.run(
+        [str(RAY.parent / "unfreeze-hpo"), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def alive_node_ids(cluster: SimpleNamespace) -> set[str]:
+    code = (
+        "import ray, json; ray.init(address='auto', log_to_driver=False); "
+        "print(json.dumps([n['NodeID'] for n in ray.nodes() if n['Alive']]))"
+    )
+    env = {**cluster.env, "RAY_ADDRESS": cluster.gcs}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope="module")
+def submitted(
+    cluster: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory
+) -> SimpleNamespace:
+    project = tmp_path_factory.mktemp("project")  # what the user uploads: their YAMLs
+    (project / "base.yaml").write_text(TINY_BASE.replace("epochs: 4", "epochs: 2"))
+    (project / "space.yaml").write_text(SPACE)
+    runs = tmp_path_factory.mktemp("shared") / "runs"  # "shared storage": both nodes see it
+    wait_for(lambda: len(alive_node_ids(cluster)) == 2, 90, "the second node")
+    done = cli(
+        cluster.env,
+        "--debug",
+        "submit",
+        "--address", cluster.address,
+        "--working-dir", str(project),
+        "--job-id", "two-node-search",
+        "--name", "twonode",
+        "--storage-path", str(runs),
+        "--base", "base.yaml",
+        "--space", "space.yaml",
+        "--num-trials", str(TRIALS),
+        "--max-concurrent", "2",
+        "--cpus-per-trial", "1",
+        "--scheduler", "fifo",
+        "--no-preflight",
+        "--no-recipes",
+        "--follow",
+    )  # fmt: skip
+    return SimpleNamespace(done=done, folder=runs / "twonode", nodes=alive_node_ids(cluster))
+
+
+def test_a_submitted_search_runs_its_trials_on_both_nodes(submitted: SimpleNamespace) -> None:
+    assert submitted.done.returncode == 0, submitted.done.stdout[-3000:] + submitted.done.stderr
+    assert "job two-node-search: SUCCEEDED" in submitted.done.stdout
+    assert "cluster: 2 node(s) with 2 CPUs" in submitted.done.stdout  # the resource check
+    study = optuna.load_study(
+        study_name="twonode", storage=f"sqlite:///{submitted.folder / 'study.db'}"
+    )
+    trials = study.get_trials()
+    assert len(trials) == TRIALS  # every trial accounted for, once
+    assert len({t.user_attrs["ray_trial_id"] for t in trials}) == TRIALS
+    assert all(t.state.is_finished() for t in trials)
+    ran_on = {t.user_attrs["node_id"] for t in trials}
+    assert ran_on == submitted.nodes, (ran_on, submitted.nodes)
+
+
+def test_the_results_are_queryable_after_the_job(
+    submitted: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    assert main(["trials", str(submitted.folder), "--format", "csv"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == 1 + TRIALS
+    assert main(["best", str(submitted.folder)]) == 0
+
+
+def test_job_status_logs_and_list(submitted: SimpleNamespace, cluster: SimpleNamespace) -> None:
+    status = cli(cluster.env, "job", "status", "two-node-search", "--address", cluster.address)
+    assert status.returncode == 0, status.stderr
+    assert "SUCCEEDED" in status.stdout and str(submitted.folder) in status.stdout
+    logs = cli(cluster.env, "job", "logs", "two-node-search", "--address", cluster.address)
+    assert logs.returncode == 0, logs.stderr
+    assert "best trial #" in logs.stdout  # the search's own summary line
+    listed = cli(cluster.env, "job", "list", "--address", cluster.address)
+    assert listed.returncode == 0 and "two-node-search" in listed.stdout
+
+
+def test_job_stop_ends_a_running_search(
+    submitted: SimpleNamespace, cluster: SimpleNamespace, tmp_path: Path
+) -> None:
+    (tmp_path / "base.yaml").write_text(TINY_BASE.replace("epochs: 4", "epochs: 50"))
+    argv = [
+        "submit", "--address", cluster.address, "--working-dir", str(tmp_path),
+        "--job-id", "to-stop", "--name", "long", "--storage-path", str(tmp_path / "runs"),
+        "--base", "base.yaml", "--num-trials", "2", "--no-preflight", "--no-recipes",
+    ]  # fmt: skip
+    done = cli(cluster.env, *argv)
+    assert done.returncode == 0, done.stderr
+    assert "unfreeze-hpo job stop to-stop" in done.stdout
+
+    def running() -> bool:
+        status = cli(cluster.env, "job", "status", "to-stop", "--address", cluster.address)
+        return "RUNNING" in status.stdout
+
+    wait_for(running, 60, "the job")
+    stopped = cli(cluster.env, "job", "stop", "to-stop", "--address", cluster.address)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "STOPPED" in stopped.stdout
+
+
+def test_an_unknown_job_is_a_user_error(cluster: SimpleNamespace) -> None:
+    done = cli(cluster.env, "job", "status", "no-such-job", "--address", cluster.address)
+    assert done.returncode == 2
+    assert "JOB" in done.stderr and "no-such-job" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked before anything is uploaded or started
+
+
+def test_no_jobs_server_is_a_user_error_naming_the_address(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (port,) = free_ports(1)
+    code = main(["job", "list", "--address", f"http://127.0.0.1:{port}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--address" in err and str(port) in err and "ssh -L" in err
+
+
+def test_submit_refuses_paths_that_only_exist_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "base.yaml").write_text(
+        TINY_BASE.replace("kind: synthetic_video", "kind: video_folder, root: clips")
+    )
+    argv = ["submit", "--working-dir", str(tmp_path), "--base", "base.yaml", "--num-trials", "0"]
+    code = main(argv)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--storage-path: " in err and "relative" in err  # default unfreeze-runs
+    assert "data.root: " in err and "absolute path" in err
+    assert "--num-trials: " in err
+
+
+def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text(TINY_BASE)
+    values = {
+        "name": "x",
+        "storage_path": "/nfs/runs",
+        "base": "base.yaml",
+        "gpus_per_trial": "0.5",
+        "preflight": False,
+        "study_storage": "sqlite:////nfs/runs/x.db",
+    }
+    submission = jobs.prepare(values, tmp_path)
+    assert submission.entrypoint == (
+        "unfreeze-hpo search --name x --storage-path /nfs/runs --base base.yaml "
+        "--gpus-per-trial 0.5 --no-preflight --study-storage sqlite:////nfs/runs/x.db "
+        "--address auto"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cpus", "gpus", "field"),
+    [(1, 1, "gpus_per_trial"), (4, 0, "cpus_per_trial"), (1, 0.75, "gpus_per_trial")],
+)
+def test_trials_no_node_fits_are_refused_before_the_search(
+    cpus: float, gpus: float, field: str
+) -> None:
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 0.5}]
+    cfg = SearchConfig(cpus_per_trial=cpus, gpus_per_trial=gpus)
+    with pytest.raises(ConfigError) as caught:
+        check_resources(cfg, nodes)
+    (problem,) = caught.value.problems
+    assert problem.field == field
+    assert "no node of the cluster fits one trial" in problem.message
+    assert "2 CPU/0.5 GPU" in problem.message
+
+
+def test_fractional_gpus_pack_trials_onto_one_gpu() -> None:
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0}]
+    cfg = SearchConfig(cpus_per_trial=1, gpus_per_trial=0.5, max_concurrent=4)
+    line = check_resources(cfg, nodes)
+    assert "2 trial(s) fit at once" in line and "fewer than --max-concurrent 4" in line
+    packed = check_resources(dataclasses.replace(cfg, gpus_per_trial=0.25), nodes)
+    assert "4 trial(s) fit at once" in packed and "fewer" not in packed
