@@ -204,6 +204,9 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
 
     again = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
     again.on_trial_complete(3, [], trial)
+    restored = pickle.loads(pickle.dumps(recorder))  # as in the snapshot a restore reads
+    assert restored._opened is None  # the open study never travels in the snapshot
+    restored.on_trial_complete(3, [], trial)
     (only,) = optuna.load_study(study_name="unit", storage=url).get_trials()
     assert only.state == State.PRUNED
     assert only.value == 0.5

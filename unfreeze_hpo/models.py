@@ -71,6 +71,8 @@ def parse_name(name: str) -> tuple[str, str]:
                 f"use one of {', '.join(f + ':' for f in FAMILIES)} e.g. timm:resnet18",
             )
         )
+    if family == "pytorchvideo" and arch in SMALL_PYTORCHVIDEO:
+        return family, arch  # built here: no need to import the hub to know it exists
     known = available(family)
     base = arch.split(".")[0] if family == "timm" else arch  # timm allows name.pretrained_tag
     if base not in known:
