@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint format clean
+.PHONY: demo test bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check unfreeze_hpo tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# Every benchmark in full, one after another on a quiet machine (~45 min on 2 cores); the figures
+# go to docs/benchmarks.md by hand, with the machine line each script prints.
+BENCHMARKS := worker_overhead frozen_savings orchestration pruning_replay search_quality \
+	embedded_transfer
+bench: $(STAMP)
+	for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format unfreeze_hpo tests benchmarks

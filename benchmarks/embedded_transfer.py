@@ -3,7 +3,7 @@ synthetic target task with a frozen backbone, gentle unfreezing, fast unfreezing
 and from scratch, over several seeds, and compare held-out accuracy.
 
     .venv/bin/python benchmarks/embedded_transfer.py           # 3 seeds x 6 arms, ~8 min, 2 cores
-    .venv/bin/python benchmarks/embedded_transfer.py --quick   # 1 seed, 3 epochs
+    .venv/bin/python benchmarks/embedded_transfer.py --quick   # 1 seed, 3 epochs, 64 clips
 
 Exits 1 unless gradual unfreezing beats both the frozen backbone and unfreezing everything at a
 too-high LR by at least --margin (mean best val accuracy): the three must end clearly apart.
@@ -11,7 +11,7 @@ too-high LR by at least --margin (mean best val accuracy): the three must end cl
 
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 import torch
+from common import parser, report
 
-from unfreeze_hpo import train
+from unfreeze_hpo import embedded, train
 from unfreeze_hpo.config import from_dict
 
 BASE: dict[str, Any] = {
@@ -54,14 +55,16 @@ def config(arm: dict[str, Any], seed: int, epochs: int, out: str) -> Any:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--margin", type=float, default=0.1)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 3 epochs, no verdict")
-    args = parser.parse_args()
-    if args.quick:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--margin", type=float, default=0.1)
+    args = p.parse_args()
+    if args.quick:  # 1 seed, 3 epochs, a 1-epoch source pretraining in a private cache; no verdict
         args.seeds, args.epochs = 1, 3
+        os.environ["UNFREEZE_HPO_CACHE"] = tempfile.mkdtemp(prefix="unfreeze-hpo-quick-")
+        embedded.SOURCE_EPOCHS, embedded.SOURCE_SAMPLES = 1, 64
+        BASE["data"] = {"train_samples": 64, "val_samples": 64}
     torch.set_num_threads(2)
     scores: dict[str, list[float]] = {name: [] for name in ARMS}
     started = time.perf_counter()
@@ -78,6 +81,8 @@ def main() -> int:
         print(f"{name:42s} mean {means[name]:.3f}  spread {spread:.3f}")
     frozen, gradual, hot = (means[n] for n in list(ARMS)[:3])
     print(f"gradual - frozen: {gradual - frozen:+.3f}   gradual - too hot: {gradual - hot:+.3f}")
+    figures = {name: {"mean": means[name], "values": v} for name, v in scores.items()}
+    report(args.json, "embedded_transfer", figures)
     if args.quick:
         return 0
     ok = gradual - frozen >= args.margin and gradual - hot >= args.margin
