@@ -8,7 +8,10 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+from unfreeze_hpo.cli import main
 
 # frozen_norm_eval: false keeps BatchNorm in train mode throughout: without pretraining, the
 # switch from eval-mode (initial) running stats at an unfreeze jumps the loss x2.3 whatever the
@@ -77,3 +80,15 @@ def reap_session(sid: int, grace_s: float) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return left
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """The command in-process: its exit code, stdout and stderr."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

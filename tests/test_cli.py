@@ -5,16 +5,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import run
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.errors import UserError
 from unfreeze_hpo.strategies import REGISTRY
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_blocks_prints_table_and_schedule_preview(capsys: pytest.CaptureFixture[str]) -> None:

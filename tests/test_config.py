@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import run
 
 from unfreeze_hpo import config
-from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import ModelConfig, OptimizerConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.params import build, check_value, coerce
@@ -403,12 +403,6 @@ def test_dict_defaults_are_not_shared_between_instances() -> None:
 
 
 GOOD = "model:\n  name: timm:resnet18\ndata:\n  kind: synthetic_image\noutput_dir: {out}\n"
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_validate_good_file_prints_ok_and_writes_nothing(

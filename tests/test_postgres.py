@@ -27,9 +27,8 @@ import optuna
 import pytest
 import sqlalchemy
 import yaml
-from support import TINY_BASE
+from support import TINY_BASE, run, write
 
-from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE
 
 State = optuna.trial.TrialState
@@ -42,17 +41,6 @@ strategy: [early_gradual, frozen]
 common:
   optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
 """
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def with_database(url: str, name: str) -> str:

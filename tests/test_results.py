@@ -16,10 +16,9 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from support import SPIKY_SPACE, TINY_BASE
+from support import SPIKY_SPACE, TINY_BASE, run, write
 
 from unfreeze_hpo import config, export, results, train
-from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search import load_inputs, run_search
 from unfreeze_hpo.space import load_space
@@ -28,17 +27,6 @@ State = optuna.trial.TrialState
 
 FAIL_REASON = "TrialFailed: diverged at epoch 0, step 3: 2 consecutive steps with non-finite loss"
 HYPERPARAMETERS = ["optimizer.backbone_lr_mult", "early_gradual.target_ratio"]
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 import pytest
 import ray
-from support import SPIKY_SPACE, TINY_BASE, reap_session
+from support import SPIKY_SPACE, TINY_BASE, reap_session, write
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
@@ -46,11 +46,6 @@ strategy: frozen
 common:
   optimizer.lr: {{type: categorical, choices: [3e-2, {BLOWUP_LR:g}]}}
 """
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def search_config(folder: Path, name: str, base: Path, space: Path, **changes: Any) -> SearchConfig:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
-from support import TINY_BASE
+from support import TINY_BASE, run
 
 from unfreeze_hpo import storage
 from unfreeze_hpo.cli import main
@@ -30,12 +30,6 @@ strategy: [early_gradual, frozen]
 common:
   optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
 """
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def keys(s3: SimpleNamespace, prefix: str = "") -> list[str]:
