@@ -130,7 +130,7 @@ def prepare(
         else:
             shipped[field] = str(here.resolve())
             notes.append(f"--{field} {here} is outside the working dir: it must exist on the head")
-    problems += _cluster_paths(local.get("base"), notes)
+    problems += _cluster_paths(local.get("base"))
     try:
         load_inputs(SearchConfig(space=local.get("space"), base=local.get("base")))
     except ConfigError as exc:
@@ -161,7 +161,7 @@ PATH_FIELDS = ("data.root", "model.checkpoint")
 PATH_OPTIONS = ("name", "storage_path", "study_storage", "space", "base")  # all str fields
 
 
-def _cluster_paths(base_file: str | None, notes: list[str]) -> list[Problem]:
+def _cluster_paths(base_file: str | None) -> list[Problem]:
     """Paths in the base config must be absolute: a trial runs on any node, and a relative path
     exists only in the head's copy of the working dir."""
     if not base_file:
@@ -274,17 +274,6 @@ def stop(job_id: str, *, address: str | None = None, timeout_s: float = 60.0) ->
         return state
     except RuntimeError as exc:
         raise _unknown_job(job_id, jobs) from exc
-
-
-def wait(job_id: str, *, address: str | None = None, timeout_s: float | None = None) -> str:
-    """Block until the job ends (or ``timeout_s``); its status."""
-    jobs = client(address)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while (state := str(jobs.get_job_status(job_id).value)) not in TERMINAL:
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    return state
 
 
 def searches(*, address: str | None = None) -> list[dict[str, Any]]:

@@ -87,14 +87,8 @@ def unreachable(location: str) -> str | None:
 
 
 def write_text(location: str, text: str) -> None:
-    """Write a whole file; no reader sees part of it (local: a rename; object stores: one PUT)."""
-    if not is_uri(location):
-        path = Path(location)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return
+    """Write a whole file at a URI in one PUT: no reader sees part of it. (Local files go through
+    ``results.write_atomic``, a rename.)"""
     filesystem, key = open_location(location)
     filesystem.create_dir(key.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(key) as out:
@@ -111,13 +105,6 @@ def read_text(location: str) -> str | None:
     with filesystem.open_input_stream(path) as inp:
         data: bytes = inp.read()
     return data.decode("utf-8")
-
-
-def is_dir(location: str) -> bool:
-    from pyarrow import fs as pafs
-
-    filesystem, path = open_location(location)
-    return bool(filesystem.get_file_info(path).type == pafs.FileType.Directory)
 
 
 def mirror(location: str, cache: Path) -> Path:
