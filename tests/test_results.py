@@ -16,6 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from nothing_lost import assert_nothing_lost
 from support import SPIKY_SPACE, TINY_BASE, run, write
 
 from unfreeze_hpo import config, export, results, train
@@ -396,3 +397,17 @@ def test_the_yaml_writer_quotes_strings_the_project_reader_would_take_for_number
     values = {"a": "1e3", "b": "010", "c": "yes", "d": 1e-5, "e": math.inf, "f": [[0, 0], [2, 5]]}
     path = results.write_yaml(tmp_path / "v.yaml", values, "# header\n")
     assert config.parse_yaml(path.read_text())[0] == values
+
+
+def test_the_nothing_lost_check_passes_this_search_and_catches_a_running_trial(
+    searched: SimpleNamespace, tmp_path: Path
+) -> None:
+    assert_nothing_lost(searched.folder, 6)  # 5 searched + the synthetic failed trial
+    copy = tmp_path / "tiny"
+    shutil.copytree(searched.folder, copy)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{copy / STUDY_FILE}")
+    study.ask()  # a trial left RUNNING, as OptunaSearch leaves one on a NaN metric
+    with pytest.raises(AssertionError) as caught:
+        assert_nothing_lost(copy, 6)
+    assert "7 trials recorded, 6 requested" in str(caught.value)
+    assert "is RUNNING" in str(caught.value)

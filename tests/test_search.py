@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 import pytest
 import ray
+from nothing_lost import assert_nothing_lost
 from support import SPIKY_SPACE, TINY_BASE, reap_session, write
 
 from unfreeze_hpo.cli import main
@@ -161,6 +162,7 @@ def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
 
     trials = recorded(cfg)
     assert_durable(trials, 8)
+    assert_nothing_lost(cfg.folder, 8)
     after = {t.user_attrs["ray_trial_id"]: (t.state, t.value) for t in trials}
     assert {k: after.get(k) for k in before} == before
 
@@ -332,6 +334,7 @@ def test_aggressive_schedules_are_pruned_for_spikes_gentle_ones_complete(
     cfg, outcome = spiky_search.cfg, spiky_search.outcome
     trials = recorded(cfg)
     assert_durable(trials, 6)
+    assert_nothing_lost(cfg.folder, 6)
     aggressive = [t for t in trials if t.params["strategy"] == "fixed"]
     gentle = [t for t in trials if t.params["strategy"] == "early_gradual"]
     assert aggressive and gentle, [t.params for t in trials]

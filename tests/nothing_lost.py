@@ -1,0 +1,85 @@
+"""The check every fault test ends with: nothing a search was asked for is lost or recorded twice.
+
+``assert_nothing_lost(folder, requested)`` reads a finished search the way a user does (its study,
+``search.yaml`` and Ray folder) and fails with every broken promise it finds:
+
+- every requested trial has exactly one terminal state: complete, pruned or failed, the last two
+  with their reason; none is left RUNNING; no Ray trial is recorded twice (across restores too);
+- each trial's reported epochs increase one by one from 1, and a complete trial ends at the
+  configured number of epochs;
+- every checkpoint a trial left behind loads with ``weights_only=True``;
+- the winner ``best`` and ``export`` use is the best complete trial with a finite metric.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import torch
+
+from unfreeze_hpo import results
+from unfreeze_hpo.train import CHECKPOINT
+
+State = optuna.trial.TrialState
+TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
+
+
+def assert_nothing_lost(folder: str | Path, requested: int) -> None:
+    search = results.open_search(folder)
+    trials = search.study.get_trials(deepcopy=False)
+    broken: list[str] = []
+    if len(trials) != requested:
+        broken.append(f"{len(trials)} trials recorded, {requested} requested")
+    ids = [t.user_attrs.get("ray_trial_id") for t in trials]
+    if len(set(ids)) != len(ids):
+        broken.append(f"a Ray trial recorded twice: {sorted(ids)}")
+    for t in trials:
+        broken += _trial_problems(t, search.base.epochs)
+    broken += _checkpoint_problems(Path(search.folder) / "ray")
+    broken += _winner_problems(search, trials)
+    assert not broken, "lost or doubled:\n  " + "\n  ".join(broken)
+
+
+def _trial_problems(t: optuna.trial.FrozenTrial, epochs: int) -> list[str]:
+    name = f"trial #{t.number} ({t.user_attrs.get('ray_trial_id')})"
+    if t.state not in TERMINAL:
+        return [f"{name} is {t.state.name}"]
+    out = []
+    if t.user_attrs.get("status") != t.state.name.lower():
+        out.append(f"{name}: status {t.user_attrs.get('status')!r} but state {t.state.name}")
+    if t.state != State.COMPLETE and not t.user_attrs.get("reason"):
+        out.append(f"{name} is {t.state.name} without a reason")
+    steps = sorted(t.intermediate_values)
+    if steps != list(range(1, len(steps) + 1)):
+        out.append(f"{name}: reported epochs {steps} do not run 1, 2, 3, ...")
+    if t.state == State.COMPLETE and (not steps or steps[-1] != epochs):
+        out.append(f"{name} is complete after {steps[-1] if steps else 0} of {epochs} epochs")
+    return out
+
+
+def _checkpoint_problems(ray_folder: Path) -> list[str]:
+    out = []
+    for path in sorted(ray_folder.glob(f"*/checkpoint_*/{CHECKPOINT}")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any reason it cannot be loaded is a loss
+            out.append(f"{path} does not load: {type(exc).__name__}: {exc}")
+    return out
+
+
+def _winner_problems(search: results.Search, trials: list[optuna.trial.FrozenTrial]) -> list[str]:
+    complete = [
+        t
+        for t in trials
+        if t.state == State.COMPLETE and t.value is not None and math.isfinite(t.value)
+    ]
+    if not complete:
+        return []
+    sign = 1 if search.mode == "max" else -1
+    best = max(complete, key=lambda t: (sign * float(t.value or 0.0), -t.number))
+    winner = int(results.best_trials(search, top=1)["number"].iloc[0])
+    if winner != best.number:
+        return [f"the exported winner is trial #{winner}, the best complete is #{best.number}"]
+    return []
