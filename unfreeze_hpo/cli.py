@@ -372,17 +372,24 @@ def _search_args(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None
             )
 
 
+def _search_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The SearchConfig fields given on the command line (options left out are not there)."""
+    from unfreeze_hpo.config import SearchConfig
+
+    return {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SearchConfig)
+        if hasattr(args, f.name)
+    }
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from unfreeze_hpo.config import SearchConfig, as_option
     from unfreeze_hpo.params import build
     from unfreeze_hpo.search import PreflightFailed, check_storage, load_inputs, run_search
     from unfreeze_hpo.storage import redact
 
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SearchConfig)
-        if hasattr(args, f.name)
-    }
+    values = _search_values(args)
     problems: list[Problem] = []
     cfg = build(SearchConfig, values, "search", problems)
     problems = [as_option(p) for p in problems]
@@ -447,13 +454,8 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from unfreeze_hpo import jobs
-    from unfreeze_hpo.config import SearchConfig
 
-    values = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(SearchConfig)
-        if hasattr(args, f.name) and f.name != "address"
-    }
+    values = _search_values(args)  # submit has no --address of the search: the job's is auto
     submission = jobs.prepare(values, args.working_dir, debug=args.debug)
     for note in submission.notes:
         print(f"note: {note}")

@@ -22,6 +22,7 @@ import torch
 
 from unfreeze_hpo import strategies
 from unfreeze_hpo.config import OptimizerConfig, ScheduleConfig, TrialConfig
+from unfreeze_hpo.storage import cache_dir
 
 SOURCE_EPOCHS = 12
 SOURCE_SAMPLES = 2048  # the source task is the "large" pretraining set; the target stays small
@@ -30,12 +31,6 @@ SOURCE_OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01)
 # Bump when the recipe, a small model's architecture or the synthetic data change, so that no
 # cache built by older code is reused.
 RECIPE_VERSION = 3
-
-
-def cache_dir() -> Path:
-    """``$UNFREEZE_HPO_CACHE``, else ``~/.cache/unfreeze-hpo``."""
-    root = os.environ.get("UNFREEZE_HPO_CACHE") or Path.home() / ".cache" / "unfreeze-hpo"
-    return Path(root)
 
 
 def source_config(cfg: TrialConfig, output_dir: str) -> TrialConfig:

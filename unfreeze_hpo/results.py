@@ -163,9 +163,7 @@ def local_folder(path: str | Path) -> Path:
             why = f"not a search folder (no {SEARCH_FILE} there)"
             fix = "give <storage_path>/<name> as the search wrote it, e.g. s3://bucket/runs/demo"
             return raise_problem(search_problem(location, why, fix))
-        from unfreeze_hpo.embedded import cache_dir
-
-        return storage.mirror(location, cache_dir())
+        return storage.mirror(location, storage.cache_dir())
     except OSError as exc:  # no such bucket, no credentials, endpoint down
         why = f"cannot read it ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
         fix = "check the URI and that this machine's credentials can read it"

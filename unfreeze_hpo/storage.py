@@ -107,6 +107,12 @@ def read_text(location: str) -> str | None:
     return data.decode("utf-8")
 
 
+def cache_dir() -> Path:
+    """The project's cache: ``$UNFREEZE_HPO_CACHE``, else ``~/.cache/unfreeze-hpo``."""
+    root = os.environ.get("UNFREEZE_HPO_CACHE") or Path.home() / ".cache" / "unfreeze-hpo"
+    return Path(root)
+
+
 def mirror(location: str, cache: Path) -> Path:
     """Copy the small files of the remote search folder ``location`` under ``cache``.
 
