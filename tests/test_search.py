@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
 import os
 import pickle
@@ -27,11 +28,12 @@ import optuna
 import pytest
 import ray
 from nothing_lost import assert_nothing_lost
+from ray import tune
 from support import SPIKY_SPACE, TINY_BASE, reap_session, write
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
-from unfreeze_hpo.search import PreflightFailed, StudyRecorder, run_search
+from unfreeze_hpo.search import PreflightFailed, StudyRecorder, checkpointed_history, run_search
 from unfreeze_hpo.space import load_space
 
 State = optuna.trial.TrialState
@@ -222,6 +224,48 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
         {"epoch": 1, "n_trainable": 2},
         {"epoch": 2, "n_trainable": 5},
     ]
+
+
+def test_recorder_after_a_driver_restart_takes_the_early_epochs_from_the_checkpoint(
+    tmp_path: Path, spiky_space_file: Path
+) -> None:
+    # A driver killed after epoch 1 forgets it; the restarted driver sees epochs 2 and 3 only.
+    # The trial's last checkpoint carries metrics.jsonl with all three, as the trainable writes it.
+    url = f"sqlite:///{tmp_path / STUDY_FILE}"
+    rows = [
+        {"epoch": 0, "best_val_acc": 0.25, "unfrozen_blocks": 1},
+        {"epoch": 1, "best_val_acc": 0.5, "unfrozen_blocks": 3},
+        {"epoch": 2, "best_val_acc": 0.375, "unfrozen_blocks": 3},
+    ]
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    write(folder / "metrics.jsonl", "".join(json.dumps({"metrics": r}) + "\n" for r in rows))
+    trial = SimpleNamespace(
+        trial_id="t1",
+        config={"strategy": "fixed"},
+        checkpoint=tune.Checkpoint.from_directory(folder),
+        last_result={},
+        local_path=str(tmp_path / "t1"),
+    )
+    scheduler = SimpleNamespace(reasons={})
+    restarted = StudyRecorder(
+        url, "unit", "best_val_acc", "max", load_space(spiky_space_file), scheduler
+    )
+    for row in rows[1:]:
+        result = {**row, "training_iteration": row["epoch"] + 1}
+        restarted.on_trial_result(result["training_iteration"], [], trial, result)
+    restarted.on_trial_complete(3, [], trial)
+    (only,) = optuna.load_study(study_name="unit", storage=url).get_trials()
+    assert only.intermediate_values == {1: 0.25, 2: 0.5, 3: 0.375}
+    assert only.value == 0.5
+    assert only.user_attrs["timeline"] == [
+        {"epoch": 0, "n_trainable": 1},
+        {"epoch": 1, "n_trainable": 3},
+    ]
+
+    # An unreadable checkpoint is no history, not an error inside Tune's event loop.
+    (folder / "metrics.jsonl").write_text("{not json")
+    assert checkpointed_history(trial) == []
 
 
 def test_failing_preflight_stops_the_search_before_any_trial(

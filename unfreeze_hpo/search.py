@@ -8,6 +8,7 @@ once per Ray trial id, so it never holds a RUNNING trial and a restore never wri
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -263,7 +264,18 @@ class StudyRecorder(tune.Callback):
         study = self._study()
         if trial.trial_id in self._recorded:
             return  # already written before a driver restart
-        curve = self.curves.get(trial.trial_id) or _curve_from(trial, self.metric)
+        # The latest checkpoint carries every epoch's metrics: after a driver restart it is the
+        # only record of the epochs reported before the kill (the in-memory curve starts later).
+        history = checkpointed_history(trial)
+        curve = {
+            **_curve_of(history, self.metric),
+            **(self.curves.get(trial.trial_id) or _curve_from(trial, self.metric)),
+        }
+        timeline = self.timelines.get(trial.trial_id, [])
+        if history:
+            timeline = []
+            for row in history:
+                _extend_timeline(timeline, row)
         last = self.last.get(trial.trial_id) or dict(getattr(trial, "last_result", {}) or {})
         value = None
         if state != optuna.trial.TrialState.FAIL and curve:
@@ -285,7 +297,7 @@ class StudyRecorder(tune.Callback):
             },
             # Ray's durable trial folder under storage_path (local_path is a session temp dir).
             "trial_dir": str(getattr(trial, "path", "") or getattr(trial, "local_path", "") or ""),
-            "timeline": self.timelines.get(trial.trial_id, []),
+            "timeline": timeline,
             "node_id": str(last.get("node_id") or ""),  # the Ray node the trial ran on
             "node_ip": str(last.get("node_ip") or ""),
         }
@@ -372,6 +384,36 @@ def _describe(config: Mapping[str, Any]) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in sorted(config.items()))
+
+
+def checkpointed_history(trial: Any) -> list[dict[str, Any]]:
+    """The per-epoch metrics in the trial's latest Ray checkpoint, oldest first ([] if none).
+
+    Read through the checkpoint's own filesystem, so object storage works as a local folder does;
+    an unreadable file is an empty history, never an error in Tune's event loop.
+    """
+    checkpoint = getattr(trial, "checkpoint", None)
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/metrics.jsonl") as f:
+            lines = f.read().decode().splitlines()
+        rows = [json.loads(line)["metrics"] for line in lines if line.strip()]
+    except Exception:
+        return []
+    return sorted(
+        (r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int | float)),
+        key=lambda r: r["epoch"],
+    )
+
+
+def _curve_of(history: list[dict[str, Any]], metric: str) -> dict[int, float]:
+    """Iteration -> metric for checkpointed epochs (Ray's iteration is the epoch count)."""
+    return {
+        int(row["epoch"]) + 1: float(row[metric])
+        for row in history
+        if isinstance(row.get(metric), int | float) and math.isfinite(row[metric])
+    }
 
 
 def _curve_from(trial: Any, metric: str) -> dict[int, float]:
