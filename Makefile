@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test test-all bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 	$(VENV)/bin/ruff format --check unfreeze_hpo tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
+
+# Everything, with the long reliability and load tests (~15 min on 2 cores).
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "full or not full"
 
 # Every benchmark in full, one after another on a quiet machine (~45 min on 2 cores); the figures
 # go to docs/benchmarks.md by hand, with the machine line each script prints.

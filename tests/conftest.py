@@ -1,9 +1,16 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+from unfreeze_hpo import faults
+
+# The suite may inject faults (tests/test_faults.py); every Ray and subprocess it starts inherits
+# this. No real run sets it, so a faults: block anywhere else is refused.
+os.environ[faults.ENV] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -8,25 +8,35 @@
 - each trial's reported epochs increase one by one from 1, and a complete trial ends at the
   configured number of epochs;
 - every checkpoint a trial left behind loads with ``weights_only=True``;
-- the winner ``best`` and ``export`` use is the best complete trial with a finite metric.
+- the winner ``best`` and ``export`` use is the best complete trial with a finite metric;
+- with ``faults_log``, every injected fault fired once and left its mark on its trial's record: a
+  killed worker a restart (and the trial failed only past ``max_failures``), a NaN or an OOM a
+  failed or pruned trial whose reason says so, an infinite gradient a skipped step.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
 import optuna
 import torch
 
-from unfreeze_hpo import results
+from unfreeze_hpo import faults, results
 from unfreeze_hpo.train import CHECKPOINT
 
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
 
 
-def assert_nothing_lost(folder: str | Path, requested: int) -> None:
+def assert_nothing_lost(
+    folder: str | Path,
+    requested: int,
+    *,
+    faults_log: str | Path | None = None,
+    max_failures: int = 1,
+) -> None:
     search = results.open_search(folder)
     trials = search.study.get_trials(deepcopy=False)
     broken: list[str] = []
@@ -39,6 +49,8 @@ def assert_nothing_lost(folder: str | Path, requested: int) -> None:
         broken += _trial_problems(t, search.base.epochs)
     broken += _checkpoint_problems(Path(search.folder) / "ray")
     broken += _winner_problems(search, trials)
+    if faults_log is not None:
+        broken += _fault_problems(faults.read_log(faults_log), trials, max_failures)
     assert not broken, "lost or doubled:\n  " + "\n  ".join(broken)
 
 
@@ -83,3 +95,62 @@ def _winner_problems(search: results.Search, trials: list[optuna.trial.FrozenTri
     if winner != best.number:
         return [f"the exported winner is trial #{winner}, the best complete is #{best.number}"]
     return []
+
+
+TRANSIENT = {"exit", "crash_in_checkpoint"}  # the worker dies; Ray retries the trial
+
+
+def _fault_problems(
+    fired: list[dict], trials: list[optuna.trial.FrozenTrial], max_failures: int
+) -> list[str]:
+    out = []
+    keys = Counter(
+        (e["fault"], e["trial_id"], e["attempt"], tuple(sorted(e["where"].items()))) for e in fired
+    )
+    out += [f"fault {k} fired {n} times" for k, n in keys.items() if n > 1]
+    by_id = {t.user_attrs.get("ray_trial_id"): t for t in trials}
+    for trial_id in sorted({e["trial_id"] for e in fired}):
+        mine = [e for e in fired if e["trial_id"] == trial_id]
+        t = by_id.get(trial_id)
+        if t is None:
+            out.append(f"trial {trial_id} met {len(mine)} fault(s) but is not recorded")
+            continue
+        out += _marks(t, mine, max_failures)
+    return out
+
+
+def _marks(t: optuna.trial.FrozenTrial, fired: list[dict], max_failures: int) -> list[str]:
+    """What the faults ``fired`` into trial ``t`` must have left on its record."""
+    name = f"trial #{t.number} ({t.user_attrs.get('ray_trial_id')})"
+    kinds = {e["kind"] for e in fired}
+    reason = str(t.user_attrs.get("reason", ""))
+    out = []
+    deaths = len({e["attempt"] for e in fired if e["kind"] in TRANSIENT})
+    if deaths and int(t.user_attrs.get("restarts", 0)) < deaths:
+        out.append(f"{name}: {deaths} worker(s) killed, {t.user_attrs.get('restarts')} restarts")
+    if kinds <= TRANSIENT:
+        if deaths > max_failures and t.state != State.FAIL:
+            out.append(
+                f"{name}: killed {deaths} times (max_failures {max_failures}) but {t.state.name}"
+            )
+        if deaths <= max_failures and t.state == State.FAIL:
+            out.append(f"{name}: killed {deaths} times and retried, yet FAIL: {reason}")
+    if "oom" in kinds and not (
+        t.state == State.FAIL and "oom at epoch" in reason and "stage" in reason
+    ):
+        out.append(f"{name}: out of memory, but {t.state.name} with reason {reason!r}")
+    if "nan_metric" in kinds and not (t.state == State.FAIL and "nonfinite_metric" in reason):
+        out.append(f"{name}: NaN metric, but {t.state.name} with reason {reason!r}")
+    if "nan_loss" in kinds and not (
+        t.state in (State.FAIL, State.PRUNED) and ("non-finite" in reason or "diverged" in reason)
+    ):
+        out.append(f"{name}: NaN loss, but {t.state.name} with reason {reason!r}")
+    if "inf_grad" in kinds and kinds == {"inf_grad"}:
+        steps = len({e["where"]["step"] for e in fired})
+        skipped = int(t.user_attrs.get("final", {}).get("skipped_total", 0))
+        if t.state == State.FAIL:
+            if "diverged" not in reason:
+                out.append(f"{name}: infinite gradients, but FAIL with reason {reason!r}")
+        elif skipped < steps:
+            out.append(f"{name}: {steps} infinite gradient steps, {skipped} skipped")
+    return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -411,3 +412,26 @@ def test_the_nothing_lost_check_passes_this_search_and_catches_a_running_trial(
         assert_nothing_lost(copy, 6)
     assert "7 trials recorded, 6 requested" in str(caught.value)
     assert "is RUNNING" in str(caught.value)
+
+
+def test_the_nothing_lost_check_accounts_for_every_injected_fault(
+    searched: SimpleNamespace, tmp_path: Path
+) -> None:
+    complete = next(t for t in searched.study.get_trials() if t.state == State.COMPLETE)
+    trial_id = complete.user_attrs["ray_trial_id"]
+
+    def entry(kind: str, attempt: str = "a1", **where: int) -> dict[str, Any]:
+        return {"fault": 0, "kind": kind, "trial_id": trial_id, "attempt": attempt, "where": where}
+
+    cases = {
+        "fired 2 times": [entry("inf_grad", step=3), entry("inf_grad", step=3)],
+        "out of memory, but COMPLETE": [entry("oom", epoch=1, step=4, stage=1)],
+        "1 worker(s) killed, 0 restarts": [entry("exit", epoch=1)],
+        "NaN metric, but COMPLETE": [entry("nan_metric", epoch=1)],
+        "1 infinite gradient steps, 0 skipped": [entry("inf_grad", step=3)],
+        "met 1 fault(s) but is not recorded": [{**entry("exit", epoch=0), "trial_id": "nobody"}],
+    }
+    for expected, fired in cases.items():
+        log = write(tmp_path / "faults.jsonl", "".join(json.dumps(e) + "\n" for e in fired))
+        with pytest.raises(AssertionError, match=re.escape(expected)):
+            assert_nothing_lost(searched.folder, 6, faults_log=log)

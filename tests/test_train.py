@@ -380,6 +380,59 @@ def test_resume_falls_back_to_the_previous_checkpoint(two_epochs: TrialConfig) -
     assert load(out / train.CHECKPOINT)["loop"]["epoch"] == 2
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
+        pytest.param(lambda b: b"\0" * len(b), id="zeroed"),
+        pytest.param(lambda b: b"", id="empty"),
+    ],
+)
+def test_resume_from_a_damaged_latest_checkpoint_falls_back_to_the_previous(
+    two_epochs: TrialConfig, damage: Callable[[bytes], bytes]
+) -> None:
+    out = Path(two_epochs.output_dir)
+    latest = out / train.CHECKPOINT
+    latest.write_bytes(damage(latest.read_bytes()))
+    lines: list[str] = []
+    summary = train.run(two_epochs.replace(epochs=3), resume=True, log=lines.append)
+    assert any(line.startswith(f"warning: {latest} is unreadable") for line in lines), lines
+    assert f"resumed from {out / train.PREVIOUS} at epoch 1 (step 4)" in lines
+    assert summary.epochs_run == 3
+    assert [r["metrics"]["epoch"] for r in rows(out)] == [0.0, 1.0, 2.0]
+
+
+def test_resume_with_both_checkpoints_damaged_is_a_config_error(two_epochs: TrialConfig) -> None:
+    out = Path(two_epochs.output_dir)
+    for name in (train.CHECKPOINT, train.PREVIOUS):
+        (out / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="no readable checkpoint"):
+        train.run(two_epochs, resume=True, log=quiet)
+
+
+class Payload:
+    """What a tampered checkpoint could carry: unpickling it would run a command."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, ("touch PWNED",))
+
+
+def test_resume_refuses_a_checkpoint_carrying_a_pickle_payload(
+    two_epochs: TrialConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = Path(two_epochs.output_dir)
+    monkeypatch.chdir(out)
+    payload = load(out / train.CHECKPOINT)
+    payload["loop"]["extra"] = Payload()
+    torch.save(payload, out / train.CHECKPOINT)
+    with pytest.raises(ConfigError) as caught:
+        train.run(two_epochs, resume=True, log=quiet)
+    assert "carries a Python object (posix.system)" in str(caught.value)
+    assert str(out / train.CHECKPOINT) in str(caught.value)
+    assert not (out / "PWNED").exists()  # nothing in it ran
+    assert (out / train.PREVIOUS).exists()  # and nothing was overwritten
+
+
 # --- 3. atomic checkpoints ------------------------------------------------------------------
 
 

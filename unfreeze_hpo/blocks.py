@@ -7,6 +7,7 @@ Adapters are tried in order: a regex matcher given by the user, pytorchvideo MVi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from unfreeze_hpo.errors import BlockError, Problem
-from unfreeze_hpo.models import classifier_name, unwrap
+from unfreeze_hpo.models import ModelSpec, build, classifier_name, unwrap
 
 Granularity = Literal["fine", "coarse"]
 # A timm-style matcher: group name -> regex, or a list of (regex, suffix) pairs.
@@ -79,6 +80,18 @@ def discover(
             r"{stem: '^conv1', blocks: '^layers\.(\d+)'}",
         )
     )
+
+
+def discover_spec(
+    spec: ModelSpec, granularity: Granularity = "fine", matcher: Matcher | None = None
+) -> Blocks:
+    """Blocks of the model ``spec`` names, built on the meta device: no weights are allocated,
+    loaded or downloaded, so this is cheap for any model size (names and sizes do not depend on
+    weights, nor on the classifier's size)."""
+    spec = dataclasses.replace(spec, pretrained=False, checkpoint=None)
+    with torch.device("meta"):
+        model = build(spec)
+    return discover(model, granularity, matcher)
 
 
 def validate(model: nn.Module, blocks: Blocks) -> Blocks:

@@ -14,8 +14,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, UserError
 
 EXIT_USER_ERROR = 2
@@ -154,6 +152,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     print(f"building {spec.name} ...", file=sys.stderr, flush=True)
     model = build(spec)
     blocks = discover(model, args.granularity, matcher)
+    if strategy is not None and (problems := list(strategy.check_blocks(len(blocks)))):
+        raise ConfigError(problems)
     total = sum(p.numel() for p in model.parameters())
     print(
         f"{spec.name}: {total:,} parameters | backbone {blocks.backbone_numel:,} in "
@@ -298,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_checked(args.config)
     changes: dict[str, Any] = {}
     if args.output_dir:
-        changes["output_dir"] = args.output_dir
+        changes["output_dir"] = _path_option("--output-dir", args.output_dir)
     if args.epochs is not None:
         if args.epochs < 1:
             raise ConfigError(Problem("--epochs", args.epochs, "must be >= 1", "e.g. --epochs 10"))
@@ -332,9 +332,26 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _load_checked(path: str) -> Any:
+    """The config at ``path``, its strategy checked against the blocks of its model."""
     from unfreeze_hpo import config
 
-    return config.load(path)
+    cfg = config.load(path)
+    n_blocks = _n_blocks(cfg.model)
+    if n_blocks is not None and (problems := list(cfg.strategy.check_blocks(n_blocks))):
+        raise ConfigError(config.locate(problems, path))
+    return cfg
+
+
+def _n_blocks(model: Any) -> int | None:
+    """How many blocks the model of a ModelConfig has (built on the meta device: cheap), or None
+    when they cannot be found here; training reports why in full."""
+    from unfreeze_hpo.blocks import discover_spec
+
+    try:
+        spec = model.spec(model.num_classes or 2)
+        return len(discover_spec(spec, model.granularity, model.matcher))
+    except Exception:  # a courtesy check: what it cannot build, the trial reports
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,6 +403,7 @@ def _search_values(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     from unfreeze_hpo.config import SearchConfig, as_option
     from unfreeze_hpo.params import build
+    from unfreeze_hpo.results import changed_space
     from unfreeze_hpo.search import PreflightFailed, check_storage, load_inputs, run_search
     from unfreeze_hpo.storage import redact
 
@@ -393,12 +411,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     problems: list[Problem] = []
     cfg = build(SearchConfig, values, "search", problems)
     problems = [as_option(p) for p in problems]
+    space = None
     try:  # the space and base files too, so one run reports every problem
-        load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
+        base, space = load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
+        if (n_blocks := _n_blocks(base.model)) is not None:
+            problems += space.check_blocks(n_blocks)
     except ConfigError as exc:
         problems += exc.problems
     if cfg is not None:
-        problems += [as_option(p) for p in check_storage(cfg)]
+        storage_problems = [as_option(p) for p in check_storage(cfg)]
+        problems += storage_problems
+        if space is not None and not storage_problems:
+            problems += changed_space(cfg, space)  # a resumed search samples its first space
     if problems:
         raise ConfigError(problems)
     assert cfg is not None
@@ -413,7 +437,13 @@ def cmd_search(args: argparse.Namespace) -> int:
         )
         return 1
     counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
-    print(f"\ntrials: {counts}")
+    print(f"\ntrials: {counts or 'none ended'}")
+    if result.interrupted:
+        print(
+            "interrupted: the search state is saved; run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
     if result.best is None:
         print("no trial completed")
         return 1
@@ -613,7 +643,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return None if prefix is None else export.check_fts_prefix(prefix)
 
     _all_or_errors(
-        lambda: export.check_export_format(args.format), lambda: prefix_of(args.fts_prefix)
+        lambda: export.check_export_format(args.format),
+        lambda: prefix_of(args.fts_prefix),
+        lambda: _path_option("--out", args.out),
     )
     search = results.open_search(args.search, study_storage=args.study_storage)
     if args.format == "lightning-fts":
@@ -669,6 +701,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from unfreeze_hpo.report import build_report
     from unfreeze_hpo.results import local_folder
 
+    if args.out:
+        _path_option("--out", args.out)
     page = build_report(
         local_folder(args.search),
         Path(args.out) if args.out else None,
@@ -719,18 +753,29 @@ def _all_or_errors(*steps: Callable[[], Any]) -> list[Any]:
 
 
 def _yaml_arg(text: str, option: str) -> Any:
+    """An option's value read as YAML by the rules of the config files (010 is not 8)."""
+    from unfreeze_hpo import config
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        reason = getattr(exc, "problem", None) or type(exc).__name__
+        return config.parse_value(text, option)
+    except ConfigError as exc:
+        shell = "quote the value for the shell and check its brackets"
         raise ConfigError(
-            Problem(
-                option,
-                text,
-                f"not valid YAML ({reason})",
-                "quote the value for the shell and check its brackets",
+            dataclasses.replace(
+                p,
+                field=option,
+                value=text,
+                fix=shell if p.message.startswith("not valid YAML") else p.fix,
+                location="",
             )
+            for p in exc.problems
         ) from exc
+
+
+def _path_option(option: str, path: str) -> str:
+    if "\0" in path:  # the OS refuses it; say so before anything is written
+        raise ConfigError(Problem(option, path, "contains a NUL character", "remove it"))
+    return path
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, Any]:
@@ -743,7 +788,10 @@ def _pairs(items: Sequence[str], option: str) -> dict[str, Any]:
         elif key in out:
             problems.append(Problem(option, item, f"{key} given twice", "give it once"))
         else:
-            out[key] = _yaml_arg(value, option)
+            try:
+                out[key] = _yaml_arg(value, option)
+            except ConfigError as exc:
+                problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return out

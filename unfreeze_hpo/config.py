@@ -2,28 +2,62 @@
 
 YAML is read with the YAML 1.2 core rules for scalars (``1e-3`` is a number, ``no`` is the
 string "no", ``010`` is refused as ambiguous), duplicate keys are errors, and every problem
-carries the file and line it came from.
+carries the file and line it came from. Nothing is constructed from a tag (``!!python/...``), and
+a file is refused when it is large, deeply nested or expands (through aliases) to many values.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from unfreeze_hpo import data, storage, strategies
+from unfreeze_hpo import data, faults, signals, storage, strategies
 from unfreeze_hpo.data import DataConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
+from unfreeze_hpo.faults import FaultsConfig
 from unfreeze_hpo.models import ModelSpec, parse_name
 from unfreeze_hpo.params import build, param
 from unfreeze_hpo.strategies import Strategy
 
 STUDY_FILE = "study.db"  # the durable Optuna study of a search, inside its folder
+# A config, space or exported schedule is a few KiB; anything near these limits is not one, or is
+# an alias bomb (a few lines that expand to billions of values).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 50
+MAX_YAML_VALUES = 100_000
+# What a trial reports every epoch (train.run; besides lr/<group>): the names --metric may take.
+METRICS = (
+    "best_val_acc",
+    "val_acc",
+    "val_loss",
+    "train_loss",
+    "grad_norm",
+    "grad_norm_max",
+    "skipped_steps",
+    "skipped_total",
+    "amp_skipped_total",
+    "trainable_params",
+    "frozen_params",
+    "trainable_ratio",
+    "backbone_trainable_ratio",
+    "unfrozen_blocks",
+    "drift_min_trainable",
+    "drift_stuck_groups",
+    "drift_moved_frozen_groups",
+    "spike_event_epoch",
+    "spike_event_block",
+    "spike_window_steps",
+    *signals.NEUTRAL_METRICS,
+    "epoch",
+    "step",
+    "epoch_seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +106,22 @@ class SignalsConfig:
     window_steps: int = param(20, ge=1, help="steps after an unfreeze event that are watched")
 
 
+def plain_name(name: Any) -> tuple[str, str] | None:
+    """Why ``name`` cannot name a folder of its own under storage_path, if it cannot."""
+    if isinstance(name, str) and re.fullmatch(r"\w[\w.-]{0,127}", name):
+        return None
+    return (
+        "not a plain folder name",
+        "use up to 128 letters, digits, '_', '-' and '.', starting with a letter or digit "
+        "(no '/', '..' or spaces), e.g. demo-2",
+    )
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """How to search; the trial itself comes from ``base`` and the sampled space."""
 
-    name: str = param("demo", help="experiment name: a folder under storage_path")
+    name: str = param("demo", check=plain_name, help="experiment name: a folder under storage_path")
     storage_path: str = param("unfreeze-runs", help="where experiments are written")
     space: str | None = param(None, help="search-space YAML; default search_spaces/all.yaml")
     base: str | None = param(None, help="base trial YAML; default examples/embedded.yaml")
@@ -85,7 +130,9 @@ class SearchConfig:
     max_concurrent: int = param(2, ge=1, help="trials running at once")
     cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
     gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
-    metric: str = param("best_val_acc", help="what the search maximizes or minimizes")
+    metric: str = param(
+        "best_val_acc", choices=METRICS, help="what the search maximizes or minimizes"
+    )
     mode: str = param("max", choices=("max", "min"), help="max or min")
     scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
     grace_period: int = param(4, ge=1, help="epochs before ASHA may stop a trial")
@@ -179,6 +226,7 @@ class TrialConfig:
         20, ge=1, help="consecutive non-finite steps before the trial fails as diverged"
     )
     num_workers: int = param(0, ge=0, help="DataLoader worker processes")
+    faults: FaultsConfig = field(default_factory=FaultsConfig)  # reliability tests only
     provenance: dict[str, Any] | None = param(
         None,
         help="where an exported schedule came from (search, trial, metrics, timeline); "
@@ -191,6 +239,8 @@ class TrialConfig:
             if dataclasses.is_dataclass(value) and not isinstance(value, Strategy):
                 out[key] = _plain(dataclasses.asdict(value))  # type: ignore[arg-type]
         out["strategy"] = {"name": self.strategy.name, **_plain(self.strategy.params())}
+        if not self.faults.inject:
+            del out["faults"]  # a test-only block: absent from every real config
         return out
 
     def replace(self, **changes: Any) -> TrialConfig:
@@ -200,24 +250,50 @@ class TrialConfig:
 def load(path: str | Path) -> TrialConfig:
     """Read and validate a trial YAML file; ConfigError lists every problem with file:line."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         raise ConfigError(
             Problem("config", str(path), "no such file", "give the path of a YAML file")
         )
+    values, lines = parse_yaml(read_yaml_text(path, "config"), str(path))
+    return from_dict(values, lines=lines, source=str(path))
+
+
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the OS refuses the name (too long, a NUL)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def read_yaml_text(path: Path, field: str) -> str:
+    """The text of the YAML file ``path``: UTF-8, and no larger than MAX_YAML_BYTES."""
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(_too_large(field, str(path), size))
+    try:
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
             Problem(
-                "config",
+                field,
                 str(path),
                 f"not UTF-8 text ({exc.reason} at byte {exc.start})",
                 "save the file as UTF-8",
                 str(path),
             )
         ) from exc
-    values, lines = parse_yaml(text, str(path))
-    return from_dict(values, lines=lines, source=str(path))
+
+
+def _too_large(field: str, source: str, size: int) -> Problem:
+    why = f"{size:,} bytes, more than the {MAX_YAML_BYTES:,} a YAML input may have"
+    return Problem(field, source, why, "give the config itself; data goes under data.root", source)
+
+
+def locate(problems: Iterable[Problem], path: str | Path) -> list[Problem]:
+    """Problems found after ``path`` loaded (e.g. against the model), with their file:line."""
+    _, lines = parse_yaml(read_yaml_text(Path(path), "config"), str(path))
+    return [_locate(p, lines, str(path)) for p in problems]
 
 
 def from_dict(
@@ -232,6 +308,8 @@ def from_dict(
     raw_strategy = values.pop("strategy", {"name": "early_gradual"})
     strategy = _strategy(raw_strategy, problems)
     cfg = build(TrialConfig, values, "", problems)
+    if cfg is not None:
+        problems += faults.check(cfg.faults)
     problems += _cheap_checks(values)
     if problems:
         raise ConfigError([_locate(p, lines or {}, source) for p in problems])
@@ -279,25 +357,9 @@ def _strategy(raw: Any, problems: list[Problem]) -> Strategy | None:
 
 def parse_yaml(text: str, source: str = "<string>") -> tuple[dict[str, Any], dict[str, int]]:
     """Parse YAML into plain values and the line of every key path (``model.name`` -> 3)."""
-    lines: dict[str, int] = {}
-    problems: list[Problem] = []
-    loader = None
-    try:
-        loader = _Loader(text)
-        node = loader.get_single_node()
-        value = {} if node is None else _construct(loader, node, "", lines, problems, source)
-    except (yaml.YAMLError, ValueError, TypeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        reason = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
-        raise ConfigError(
-            Problem("yaml", source, f"not valid YAML ({reason})", "fix the syntax there", where)
-        ) from exc
-    finally:
-        if loader is not None:
-            loader.dispose()
-    if problems:
-        raise ConfigError(problems)
+    value, lines = _parse(text, source)
+    if value is None:
+        return {}, lines
     if not isinstance(value, dict):
         raise ConfigError(
             Problem(
@@ -311,8 +373,57 @@ def parse_yaml(text: str, source: str = "<string>") -> tuple[dict[str, Any], dic
     return value, lines
 
 
+def parse_value(text: str, source: str) -> Any:
+    """One YAML value (a command-line option's), read by the same rules as a file."""
+    return _parse(text, source)[0]
+
+
+def _parse(text: str, source: str) -> tuple[Any, dict[str, int]]:
+    lines: dict[str, int] = {}
+    problems: list[Problem] = []
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(_too_large("yaml", source, len(text)))
+    loader = None
+    try:
+        loader = _Loader(text, source)
+        node = loader.get_single_node()
+        value = None if node is None else _construct(loader, node, "", lines, problems, source)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        reason = getattr(exc, "problem", None) or str(exc) or type(exc).__name__
+        raise ConfigError(
+            Problem("yaml", source, f"not valid YAML ({reason})", "fix the syntax there", where)
+        ) from exc
+    finally:
+        if loader is not None:
+            loader.dispose()
+    if problems:
+        raise ConfigError(problems)
+    return value, lines
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 core scalars: true/false only, numbers in plain notation."""
+    """SafeLoader with YAML 1.2 core scalars: true/false only, numbers in plain notation; it
+    refuses nesting deeper than MAX_YAML_DEPTH (PyYAML's composer recurses per level)."""
+
+    def __init__(self, stream: str, source: str) -> None:
+        super().__init__(stream)
+        self.source = source
+        self.depth = 0  # while composing
+        self.open: set[int] = set()  # ids of the collections being constructed
+        self.values_left = MAX_YAML_VALUES
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                where = f"{self.source}:{self.peek_event().start_mark.line + 1}"
+                value = f"> {MAX_YAML_DEPTH} levels"
+                raise ConfigError(Problem("yaml", value, "nested too deeply", "flatten it", where))
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -347,6 +458,52 @@ def _construct(
     problems: list[Problem],
     source: str,
 ) -> Any:
+    where = f"{source}:{node.start_mark.line + 1}"
+    field = path or "yaml"
+    _check_tag(node, field, where)
+    loader.values_left -= 1
+    if loader.values_left < 0:
+        why = "too many values once its aliases (*name) are expanded"
+        fix = "write the values out; an alias may repeat a small part of the file"
+        raise ConfigError(Problem(field, f"> {MAX_YAML_VALUES:,} values", why, fix, where))
+    if not isinstance(node, yaml.ScalarNode):
+        if id(node) in loader.open:
+            why = "a collection cannot hold an alias of itself"
+            fix = "write the values out"
+            raise ConfigError(Problem(field, "a recursive alias", why, fix, where))
+        if len(loader.open) >= MAX_YAML_DEPTH:
+            why = "nested too deeply once its aliases are expanded"
+            value = f"> {MAX_YAML_DEPTH} levels"
+            raise ConfigError(Problem(field, value, why, "flatten it", where))
+        loader.open.add(id(node))
+        try:
+            return _collection(loader, node, path, lines, problems, source)
+        finally:
+            loader.open.discard(id(node))
+    return loader.construct_object(node)
+
+
+def _check_tag(node: yaml.Node, field: str, where: str) -> None:
+    """Refuse tags that would construct objects (or that a plain mapping or list ignores)."""
+    if node.tag.startswith("tag:yaml.org,2002:python/"):
+        fix = "remove the tag: a config holds plain values, nothing is constructed from it"
+        raise ConfigError(Problem(field, node.tag, "Python tags are refused", fix, where))
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in (
+        "tag:yaml.org,2002:map",
+        "tag:yaml.org,2002:seq",
+    ):
+        fix = "remove the tag: write a plain mapping or list"
+        raise ConfigError(Problem(field, node.tag, "unsupported YAML tag", fix, where))
+
+
+def _collection(
+    loader: _Loader,
+    node: yaml.Node,
+    path: str,
+    lines: dict[str, int],
+    problems: list[Problem],
+    source: str,
+) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -362,8 +519,10 @@ def _construct(
                     )
                 )
                 continue
-            key = loader.construct_object(key_node)
-            if not isinstance(key, str):
+            _check_tag(key_node, path or "config", where)
+            scalar = isinstance(key_node, yaml.ScalarNode)
+            key = loader.construct_object(key_node) if scalar else f"a {key_node.id}"
+            if not scalar or not isinstance(key, str):
                 problems.append(
                     Problem(
                         path or "config",
@@ -389,12 +548,10 @@ def _construct(
             lines[key_path] = key_node.start_mark.line + 1
             out[key] = _construct(loader, value_node, key_path, lines, problems, source)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [
-            _construct(loader, n, f"{path}[{i}]", lines, problems, source)
-            for i, n in enumerate(node.value)
-        ]
-    return loader.construct_object(node)
+    return [
+        _construct(loader, n, f"{path}[{i}]", lines, problems, source)
+        for i, n in enumerate(node.value)
+    ]
 
 
 def _locate(problem: Problem, lines: Mapping[str, int], source: str) -> Problem:

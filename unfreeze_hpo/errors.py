@@ -19,7 +19,10 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.location}: " if self.location else ""
-        return f"{where}{self.field}: {self.message} (got {self.value!r}); fix: {self.fix}"
+        got = repr(self.value)
+        if len(got) > 200:  # a whole list or file pasted in by mistake: its start says enough
+            got = got[:200] + "..."
+        return f"{where}{self.field}: {self.message} (got {got}); fix: {self.fix}"
 
 
 class UnfreezeHPOError(Exception):

@@ -4,7 +4,6 @@ an explicit finetuning-scheduler schedule for PyTorch Lightning.
 
 from __future__ import annotations
 
-import dataclasses
 import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -148,20 +147,11 @@ def _block_names(cfg: TrialConfig) -> list[str] | None:
 
 
 def _discover_blocks(cfg: TrialConfig) -> Blocks:
-    """The trial's model's blocks and head. Built on the meta device: no weights are allocated,
-    loaded or downloaded, so this is cheap for any model size (names and sizes do not depend on
-    weights, nor on the classifier's size)."""
-    import torch
+    """The trial's model's blocks and head, from a model built on the meta device (cheap)."""
+    from unfreeze_hpo.blocks import discover_spec
 
-    from unfreeze_hpo.blocks import discover
-    from unfreeze_hpo.models import build as build_model
-
-    spec = dataclasses.replace(
-        cfg.model.spec(cfg.model.num_classes or 2), pretrained=False, checkpoint=None
-    )
-    with torch.device("meta"):
-        model = build_model(spec)
-    return discover(model, cfg.model.granularity, cfg.model.matcher)  # type: ignore[arg-type]
+    spec = cfg.model.spec(cfg.model.num_classes or 2)
+    return discover_spec(spec, cfg.model.granularity, cfg.model.matcher)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------

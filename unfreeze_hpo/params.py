@@ -12,7 +12,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any, Literal, TypeVar
 
@@ -30,9 +30,12 @@ def param(
     gt: float | None = None,
     le: float | None = None,
     choices: Sequence[str] | None = None,
+    check: Callable[[Any], tuple[str, str] | None] | None = None,
 ) -> Any:
-    """A dataclass field with its bounds; the bounds drive validation, docs and tests."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices}
+    """A dataclass field with its bounds; the bounds drive validation, docs and tests.
+
+    ``check`` is a rule the bounds cannot say: it returns (message, fix) for a bad value."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "choices": choices, "check": check}
     if isinstance(default, list | tuple):
         return field(default_factory=lambda: tuple(default), metadata=meta)
     if isinstance(default, dict):
@@ -55,10 +58,15 @@ def bounds_text(meta: Mapping[str, Any]) -> str:
 
 def check_value(where: str, value: Any, meta: Mapping[str, Any]) -> Problem | None:
     """The bounds/choices problem of one value, if any."""
+    check = meta.get("check")
+    if check is not None and (found := check(value)) is not None:
+        return Problem(where, value, *found)
     choices = meta.get("choices")
     if choices is not None:
         if value not in choices:
-            return Problem(where, value, "unknown value", f"use one of {', '.join(choices)}")
+            close = difflib.get_close_matches(str(value), list(choices), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            return Problem(where, value, "unknown value", f"{hint}use one of {', '.join(choices)}")
         return None
     if isinstance(value, float) and not math.isfinite(value):
         return Problem(where, value, "must be a finite number", f"use a value {bounds_text(meta)}")
@@ -104,6 +112,8 @@ def coerce(where: str, value: Any, annotation: Any) -> tuple[Any, Problem | None
             return value, None
         return value, Problem(where, value, "must be true or false", "write true or false")
     if annotation is str:
+        if isinstance(value, str) and "\0" in value:  # no file name or URL holds one
+            return value, Problem(where, value, "contains a NUL character", "remove it")
         if isinstance(value, str):
             return value, None
         return value, Problem(where, value, "must be a string", "quote it")

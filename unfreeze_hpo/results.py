@@ -25,6 +25,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, TrialState
 
 from unfreeze_hpo import config, storage
+from unfreeze_hpo import space as space_module
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.params import build
@@ -100,6 +101,47 @@ def write_inputs(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> st
     return location
 
 
+def changed_space(cfg: SearchConfig, new: SearchSpace) -> list[Problem]:
+    """How ``new`` differs from the space the search ``cfg`` names started with, one problem per
+    parameter (none for a new search): a resumed search must sample the space its study and its
+    searcher already hold."""
+    location = storage.join(cfg.location, SEARCH_FILE)
+    try:
+        if cfg.remote:
+            text = storage.read_text(location)
+        else:
+            text = Path(location).read_text(encoding="utf-8") if Path(location).is_file() else None
+        if text is None:
+            return []
+        recorded, _ = config.parse_yaml(text, location)
+        old = _space_entries(space_to_dict(space_from_dict(recorded.get("space") or {})))
+    except (OSError, ConfigError):  # no readable record: the storage checks speak for the folder
+        return []
+    now = _space_entries(space_to_dict(new))
+    started = f"search {cfg.name!r} started with"
+    fix = f"resume with the space recorded in {location}, or give --name a new search"
+    problems = []
+    for key in [*now, *(k for k in old if k not in now)]:
+        if key not in old:
+            problems.append(Problem(key, now[key], f"not in the space {started}", fix))
+        elif key not in now:
+            message = f"missing, but the space {started} has {old[key]!r}"
+            problems.append(Problem(key, None, message, fix))
+        elif now[key] != old[key]:
+            message = f"changed from {old[key]!r}, the value {started}"
+            problems.append(Problem(key, now[key], message, fix))
+    return space_module.locate(problems, new.source)
+
+
+def _space_entries(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A space's YAML form by parameter: strategy, strategies.<name>.<param>, common.<field>."""
+    out = {"strategy": values.get("strategy")}
+    for name, params in (values.get("strategies") or {}).items():
+        out.update((f"strategies.{name}.{k}", v) for k, v in params.items())
+    out.update((f"common.{k}", v) for k, v in (values.get("common") or {}).items())
+    return out
+
+
 def space_to_dict(space: SearchSpace) -> dict[str, Any]:
     """The space in its YAML form (distributions back to ``{type, low, high, ...}``)."""
     out: dict[str, Any] = {"strategy": list(space.strategies)}
@@ -153,6 +195,8 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
 def local_folder(path: str | Path) -> Path:
     """The search folder ``path`` on this machine: itself, or for a URI a refreshed local mirror
     of its records, results and metrics (see ``storage.mirror``)."""
+    if "\0" in str(path):  # no path holds one; Path.resolve would raise
+        return raise_problem(search_problem(path, "contains a NUL character", "remove it"))
     if not storage.is_uri(str(path)):
         return Path(path).expanduser().resolve()
     location = str(path)

@@ -7,6 +7,7 @@ once per Ray trial id, so it never holds a RUNNING trial and a restore never wri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -25,9 +26,9 @@ from ray.tune.search.optuna import OptunaSearch
 from unfreeze_hpo import config as config_module
 from unfreeze_hpo import storage
 from unfreeze_hpo.config import SearchConfig, TrialConfig
-from unfreeze_hpo.errors import ConfigError, Problem
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
-from unfreeze_hpo.results import write_inputs
+from unfreeze_hpo.results import changed_space, write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
 from unfreeze_hpo.train import Log
 from unfreeze_hpo.trainable import run_trial
@@ -42,6 +43,7 @@ class SearchOutcome:
     study_name: str
     best: optuna.trial.FrozenTrial | None
     counts: dict[str, int]
+    interrupted: bool = False  # stopped (Ctrl-C) before every trial ended: run it again
 
 
 def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
@@ -84,7 +86,7 @@ def check_storage(cfg: SearchConfig) -> list[Problem]:
 def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes and return where its results are."""
     base, space = load_inputs(cfg)
-    if problems := check_storage(cfg):
+    if problems := check_storage(cfg) or changed_space(cfg, space):
         raise ConfigError(problems)
     # Storage, database and cluster are all checked before anything is written.
     if why := storage.unreachable(cfg.location):
@@ -126,8 +128,15 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         tuner = _new_tuner(cfg, base, space, trainable)
     started = time.perf_counter()
     tuner.fit()
-    log(f"search finished in {time.perf_counter() - started:.0f}s")
-    return outcome(cfg)
+    elapsed = time.perf_counter() - started
+    result = outcome(cfg)
+    ended = sum(result.counts.values())
+    out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+    if ended < cfg.num_trials and not out_of_time:
+        log(f"search interrupted after {elapsed:.0f}s: {ended} of {cfg.num_trials} trials ended")
+        return dataclasses.replace(result, interrupted=True)
+    log(f"search finished in {elapsed:.0f}s")
+    return result
 
 
 def outcome(cfg: SearchConfig) -> SearchOutcome:
@@ -172,7 +181,9 @@ def _new_tuner(
         grace_period=min(cfg.grace_period, base.epochs),
         reduction_factor=cfg.reduction_factor,
     )
-    recorder = StudyRecorder(cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler)
+    recorder = StudyRecorder(
+        cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler, epochs=base.epochs
+    )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -196,14 +207,40 @@ def _new_tuner(
     )
 
 
+class StudyUnavailable(UnfreezeHPOError):
+    """Ended trials could not be written to the study: its database stayed unreachable."""
+
+
+# How long the end of a search waits for an unreachable study database before it stops; the
+# trials it could not record are recorded by the next run of the same command.
+RECORD_RETRY_S = 300.0
+_QUICK_S = 2.0  # the wait when a trial ends, before the write is deferred
+
+
 class StudyRecorder(tune.Callback):
-    """Writes each ended Ray trial into the durable Optuna study exactly once."""
+    """Writes each ended Ray trial into the durable Optuna study exactly once.
+
+    A database that is locked or down does not stop the search: the write is retried, deferred
+    while trials go on, and retried again at the end, where every ended trial the study lacks
+    (this run's or an earlier run's) is written. If the database is still unreachable then, the
+    search stops with ``StudyUnavailable``; running the same command again records the rest.
+    """
 
     def __init__(
-        self, url: str, name: str, metric: str, mode: str, space: SearchSpace, scheduler: Any
+        self,
+        url: str,
+        name: str,
+        metric: str,
+        mode: str,
+        space: SearchSpace,
+        scheduler: Any,
+        *,
+        epochs: int = 0,
+        retry_s: float | None = None,
     ) -> None:
         self.url, self.name, self.metric, self.mode = url, name, metric, mode
-        self.space, self.scheduler = space, scheduler
+        self.space, self.scheduler, self.epochs = space, scheduler, epochs
+        self.retry_s = RECORD_RETRY_S if retry_s is None else retry_s
         self.curves: dict[str, dict[int, float]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.timelines: dict[str, list[dict[str, int]]] = {}
@@ -211,11 +248,23 @@ class StudyRecorder(tune.Callback):
         # Ray trial ids it holds read once: never pickled into the experiment snapshot.
         self._opened: optuna.Study | None = None
         self._recorded: set[str] = set()
+        self._waiting: dict[str, tuple[Any, optuna.trial.TrialState, str | None]] = {}
+        self._next_try = 0.0
+        self._active: set[str] = set()  # trials that ran in this driver
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_opened"], state["_recorded"] = None, set()
+        state["_opened"], state["_recorded"], state["_waiting"] = None, set(), {}
+        state["_active"] = set()
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_waiting", {})  # a snapshot from before these fields
+        self.__dict__.setdefault("_active", set())
+        self.__dict__.setdefault("_next_try", 0.0)
+        self.__dict__.setdefault("epochs", 0)
+        self.__dict__.setdefault("retry_s", RECORD_RETRY_S)
 
     def setup(
         self,
@@ -224,11 +273,18 @@ class StudyRecorder(tune.Callback):
         total_num_samples: int | None = None,
         **info: Any,
     ) -> None:
-        self._study()  # create it before the first trial, so readers find it
+        with contextlib.suppress(*DATABASE_ERRORS):  # trials are recorded once it is back
+            self._study()  # create it before the first trial, so readers find it
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._active.add(trial.trial_id)
+
+    on_trial_restore = on_trial_recover = on_trial_start
 
     def on_trial_result(
         self, iteration: int, trials: list[Any], trial: Any, result: dict, **info: Any
     ) -> None:
+        self._active.add(trial.trial_id)
         value = result.get(self.metric)
         if isinstance(value, int | float) and math.isfinite(value):
             self.curves.setdefault(trial.trial_id, {})[int(result["training_iteration"])] = value
@@ -237,12 +293,74 @@ class StudyRecorder(tune.Callback):
             _extend_timeline(self.timelines.setdefault(trial.trial_id, []), result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        reason = getattr(self.scheduler, "reasons", {}).get(trial.trial_id)
-        state = optuna.trial.TrialState.PRUNED if reason else optuna.trial.TrialState.COMPLETE
-        self._record(trial, state, reason)
+        self._end(trial, *self._verdict(trial))
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        self._record(trial, optuna.trial.TrialState.FAIL, error_reason(trial))
+        self._end(trial, optuna.trial.TrialState.FAIL, error_reason(trial))
+
+    def on_step_end(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        if self._waiting and time.monotonic() >= self._next_try:
+            self._flush(patience_s=0.0)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        # Trials that ended in an earlier run of the search but are missing from the study (its
+        # database was down then). A trial that ran here and ended without on_trial_complete or
+        # on_trial_error was stopped by an interrupt: its snapshot resumes it, so not recorded.
+        for trial in trials:
+            if trial.trial_id in self._active:
+                continue
+            if trial.status == "ERROR":
+                self._waiting.setdefault(
+                    trial.trial_id, (trial, optuna.trial.TrialState.FAIL, error_reason(trial))
+                )
+            elif trial.status == "TERMINATED":
+                self._waiting.setdefault(trial.trial_id, (trial, *self._verdict(trial)))
+        self._flush(patience_s=self.retry_s)
+        if self._waiting:
+            raise StudyUnavailable(
+                f"{len(self._waiting)} ended trial(s) are not in the study: its database "
+                f"{storage.redact(self.url)} stayed unreachable for {self.retry_s:.0f}s. Run the "
+                "same command again once it is back: the search resumes and records them."
+            )
+
+    def _verdict(self, trial: Any) -> tuple[optuna.trial.TrialState, str | None]:
+        """How a trial Ray ended without an error ends in the study."""
+        reason = getattr(self.scheduler, "reasons", {}).get(trial.trial_id)
+        iterations = int((getattr(trial, "last_result", None) or {}).get("training_iteration", 0))
+        if reason is None and 0 < iterations < self.epochs:
+            reason = f"stopped after epoch {iterations} of {self.epochs}"
+        state = optuna.trial.TrialState.PRUNED if reason else optuna.trial.TrialState.COMPLETE
+        return state, reason
+
+    def _end(self, trial: Any, state: optuna.trial.TrialState, reason: str | None) -> None:
+        self._waiting[trial.trial_id] = (trial, state, reason)
+        self._flush(patience_s=_QUICK_S)
+
+    def _flush(self, patience_s: float) -> None:
+        """Write the waiting trials; on a database error retry with backoff for ``patience_s``,
+        then leave them waiting for a later try."""
+        deadline, pause = time.monotonic() + patience_s, 0.5
+        while self._waiting:
+            trial_id = next(iter(self._waiting))
+            try:
+                self._record(*self._waiting[trial_id])
+            except DATABASE_ERRORS as exc:
+                self._opened = None  # reconnect next time
+                if time.monotonic() + pause > deadline:
+                    if not self._next_try:
+                        print(
+                            f"[search] warning: cannot write {len(self._waiting)} ended "
+                            f"trial(s) to the study yet ({storage.database_error(exc)}); "
+                            "retrying while the search goes on",
+                            flush=True,
+                        )
+                    self._next_try = time.monotonic() + 10.0
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 10.0)
+                continue
+            del self._waiting[trial_id]
+        self._next_try = 0.0
 
     def _study(self) -> optuna.Study:
         if self._opened is None:
@@ -251,8 +369,14 @@ class StudyRecorder(tune.Callback):
                 if self.mode == "max"
                 else optuna.study.StudyDirection.MINIMIZE
             )
+            # A locked SQLite file must not hold Tune's event loop for sqlite3's default 5 s a
+            # statement: fail fast, and let _flush retry while the trials go on.
+            engine = {"connect_args": {"timeout": 1.0}} if self.url.startswith("sqlite") else {}
             self._opened = optuna.create_study(
-                storage=self.url, study_name=self.name, direction=direction, load_if_exists=True
+                storage=optuna.storages.RDBStorage(self.url, engine_kwargs=engine),
+                study_name=self.name,
+                direction=direction,
+                load_if_exists=True,
             )
             self._recorded = {
                 str(t.user_attrs.get("ray_trial_id"))
@@ -300,6 +424,8 @@ class StudyRecorder(tune.Callback):
             "timeline": timeline,
             "node_id": str(last.get("node_id") or ""),  # the Ray node the trial ran on
             "node_ip": str(last.get("node_ip") or ""),
+            # Ray's count of failed attempts: workers that died and were retried.
+            "restarts": int(getattr(getattr(trial, "run_metadata", None), "num_failures", 0)),
         }
         study.add_trial(
             optuna.trial.create_trial(
@@ -384,6 +510,15 @@ def _describe(config: Mapping[str, Any]) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     return " ".join(f"{k.split('.')[-1]}={short(v)}" for k, v in sorted(config.items()))
+
+
+def _database_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return (SQLAlchemyError, optuna.exceptions.StorageInternalError)
+
+
+DATABASE_ERRORS = _database_errors()
 
 
 def checkpointed_history(trial: Any) -> list[dict[str, Any]]:

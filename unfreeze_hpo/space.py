@@ -161,6 +161,18 @@ class SearchSpace:
                 return None
         return point
 
+    def check_blocks(self, n_blocks: int) -> list[Problem]:
+        """Fixed strategy parameters that name more blocks than the model's ``n_blocks``."""
+        problems = []
+        for name in self.strategies:
+            fixed = {k: v for k, v in self.per_strategy.get(name, {}).items() if _fixed(v)}
+            strategy = strategies.create(name, fixed)  # load_space has checked them
+            problems += [
+                dataclasses.replace(p, field=re.sub(r"^strategy\.", f"strategies.{name}.", p.field))
+                for p in strategy.check_blocks(n_blocks)
+            ]
+        return locate(problems, self.source)
+
     def _branch(self, name: str) -> dict[str, Spec]:
         """One strategy's parameters then the common fields, under their flat names."""
         params = {f"{name}.{k}": v for k, v in self.per_strategy.get(name, {}).items()}
@@ -170,17 +182,20 @@ class SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file; ConfigError lists every problem."""
     path = Path(path)
-    if not path.is_file():
+    if not config.is_file(path):
         shipped = ", ".join(sorted(p.name for p in SPACES_DIR.glob("*.yaml")))
         fix = f"give a YAML file; shipped in {SPACES_DIR}: {shipped or 'none'}"
         raise ConfigError(Problem("space", str(path), "no such file", fix))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        reason = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise ConfigError(Problem("space", str(path), reason, "save it as UTF-8")) from exc
-    values, lines = config.parse_yaml(text, str(path))
+    values, lines = config.parse_yaml(config.read_yaml_text(path, "space"), str(path))
     return space_from_dict(values, lines=lines, source=str(path))
+
+
+def locate(problems: typing.Iterable[Problem], source: str) -> list[Problem]:
+    """Problems found after the space file ``source`` loaded, with their file:line."""
+    if not source or not config.is_file(Path(source)):
+        return list(problems)
+    _, lines = config.parse_yaml(config.read_yaml_text(Path(source), "space"), source)
+    return [_locate(p, lines, source) for p in problems]
 
 
 def default_space() -> SearchSpace:
@@ -321,7 +336,7 @@ def _distribution(
 ) -> BaseDistribution | None:
     """The Optuna distribution ``spec`` describes, checked against the field it samples."""
     kind = spec.get("type")
-    if kind not in _OPTIONS:
+    if not isinstance(kind, str) or kind not in _OPTIONS:
         known = list(_OPTIONS)
         message = "unknown distribution" if "type" in spec else "a distribution needs a type"
         problems.append(_unknown(f"{where}.type", kind, kind, known, message))

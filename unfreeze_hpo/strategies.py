@@ -107,6 +107,10 @@ class Strategy(ABC):
         """Cross-field and structured checks beyond each field's bounds."""
         return iter(())
 
+    def check_blocks(self, n_blocks: int) -> Iterator[Problem]:
+        """Parameters that name more blocks than a model of ``n_blocks`` blocks has."""
+        return iter(())
+
     @abstractmethod
     def n_trainable(self, epoch: int, history: Sequence[float], sizes: Sequence[int]) -> int:
         """How many of the last blocks are trainable during ``epoch`` (0-based)."""
@@ -293,6 +297,15 @@ class Progressive(Strategy):
     initial_freeze_epochs: int = param(10, ge=0, help="epochs to hold initial_blocks")
     unfreeze_interval: int = param(3, ge=1, help="epochs between later unfreeze events")
 
+    def check_blocks(self, n_blocks: int) -> Iterator[Problem]:
+        if self.initial_blocks > n_blocks:
+            yield Problem(
+                "strategy.initial_blocks",
+                self.initial_blocks,
+                f"asks for {self.initial_blocks} blocks but the model has {n_blocks}",
+                f"use at most {n_blocks}, or 0 for all blocks from the start",
+            )
+
     def n_trainable(self, epoch: int, history: Sequence[float], sizes: Sequence[int]) -> int:
         if self.initial_blocks <= 0:
             return len(sizes)
@@ -374,6 +387,16 @@ class Fixed(Strategy):
                 "n_blocks must not decrease",
                 "a phase never refreezes blocks",
             )
+
+    def check_blocks(self, n_blocks: int) -> Iterator[Problem]:
+        for i, (epoch, count) in enumerate(self.phases):
+            if count > n_blocks:
+                yield Problem(
+                    f"strategy.phases[{i}]",
+                    [epoch, count],
+                    f"asks for {count} blocks but the model has {n_blocks}",
+                    f"use at most {n_blocks}, e.g. [{epoch}, {n_blocks}] (all blocks)",
+                )
 
     def n_trainable(self, epoch: int, history: Sequence[float], sizes: Sequence[int]) -> int:
         n = 0

@@ -11,7 +11,9 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from unfreeze_hpo import data
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
+from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer, build_optimizer
 from unfreeze_hpo.models import build, load_checkpoint
 from unfreeze_hpo.signals import SpikeMonitor
@@ -97,16 +100,26 @@ class Trial:
     scaler: torch.amp.GradScaler
     datasets: data.Datasets
     steps_per_epoch: int
+    faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
 
 
 def run(
-    cfg: TrialConfig, report: Report | None = None, *, resume: bool = False, log: Log = print
+    cfg: TrialConfig,
+    report: Report | None = None,
+    *,
+    resume: bool = False,
+    log: Log = print,
+    trial_id: str = "local",
 ) -> Summary:
-    """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint."""
+    """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint.
+
+    ``trial_id`` names the trial to the fault injector of the reliability tests (no other use).
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     trial = setup(cfg, log)
+    trial.faults = Injector(cfg.faults, trial_id)
     freezer = trial.freezer
     monitor = SpikeMonitor(
         cfg.signals.baseline_steps,
@@ -191,6 +204,8 @@ def run(
             **drift,
             **monitor.metrics(),
         }
+        if trial.faults:
+            trial.faults.after_epoch(epoch, metrics)
         state.epoch = epoch + 1
         checkpoint = _save_checkpoint(trial, monitor, state, out)
         _append_metrics(out, metrics, status.unfrozen)
@@ -306,10 +321,18 @@ def _train_epoch(
         inputs, labels = inputs.to(trial.device), labels.to(trial.device)
         trial.freezer.set_lr(state.step)
         try:
+            if trial.faults:
+                first_after_event = unfroze and state.step == event_step
+                stage = len(monitor.events) if first_after_event else 0
+                inputs = trial.faults.before_step(epoch, state.step, stage, params, inputs)
             outcome = train_step(trial, inputs, labels, params)
-        except torch.OutOfMemoryError as exc:
-            raise TrialFailed("oom", _describe(exc), epoch, state.step) from exc
         except RuntimeError as exc:
+            if _out_of_memory(exc):
+                # The stage is the number of unfreeze events so far: what grew the memory.
+                grown = (
+                    f"stage {len(monitor.events)}, {len(trial.freezer.status().unfrozen)} blocks"
+                )
+                raise TrialFailed("oom", f"{_describe(exc)} ({grown})", epoch, state.step) from exc
             near_event = unfroze and state.step - event_step < cfg.signals.window_steps
             if retried or not near_event:
                 raise TrialFailed("runtime_error", _describe(exc), epoch, state.step) from exc
@@ -324,9 +347,14 @@ def _train_epoch(
             try:
                 outcome = train_step(trial, inputs, labels, params)
             except RuntimeError as again:
+                if _out_of_memory(again):
+                    raise TrialFailed("oom", _describe(again), epoch, state.step) from again
                 raise TrialFailed(
                     "runtime_error", f"{_describe(again)} (also after the retry)", epoch, state.step
                 ) from again
+        finally:
+            if trial.faults:
+                trial.faults.after_step()
         monitor.update(state.step, outcome.loss, outcome.grad_norm)
         state.step += 1
         if outcome.skipped:
@@ -467,6 +495,14 @@ def _make_contiguous(params: Sequence[nn.Parameter]) -> None:
                 p.data = p.data.contiguous()
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """A CUDA OOM is its own type; the CPU allocator raises a RuntimeError that says so."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        marker in text for marker in ("can't allocate memory", "not enough memory")
+    )
+
+
 def _describe(exc: BaseException) -> str:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
     return f"{type(exc).__name__}: {message}"
@@ -509,6 +545,8 @@ def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out:
         torch.save(payload, f)
         f.flush()
         os.fsync(f.fileno())
+    if trial.faults:
+        trial.faults.before_rename(state.epoch - 1)
     latest = out / CHECKPOINT
     if latest.exists():
         os.replace(latest, out / PREVIOUS)
@@ -517,14 +555,7 @@ def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out:
 
 
 def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopState:
-    path = out / CHECKPOINT if (out / CHECKPOINT).exists() else out / PREVIOUS
-    if not path.exists():
-        raise ConfigError(
-            Problem(
-                "--resume", str(out), "no checkpoint to resume from", "run without --resume first"
-            )
-        )
-    payload = torch.load(path, map_location=trial.device, weights_only=True)
+    path, payload = _load_checkpoint(out, trial.device, log)
     saved = {k: v for k, v in payload["config"].items() if k not in RESUMABLE_CHANGES}
     current = {k: v for k, v in trial.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     if saved != current:
@@ -550,6 +581,42 @@ def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopSta
     _truncate_metrics(out, state.epoch)
     log(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
     return state
+
+
+def _load_checkpoint(out: Path, device: torch.device, log: Log) -> tuple[Path, dict[str, Any]]:
+    """The latest readable checkpoint: a truncated or corrupt latest one falls back to the one
+    before. One that carries Python objects is refused outright (weights-only loading)."""
+    candidates = [p for p in (out / CHECKPOINT, out / PREVIOUS) if p.exists()]
+    if not candidates:
+        fix = "run without --resume first"
+        raise ConfigError(Problem("--resume", str(out), "no checkpoint to resume from", fix))
+    for path in candidates:
+        try:
+            return path, torch.load(path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            refused = re.search(r"GLOBAL (\S+)", str(exc))  # else the bytes are just damaged
+            if refused is None:
+                log(f"warning: {path} is unreadable ({_describe(exc)}); trying the one before")
+                continue
+            raise ConfigError(
+                Problem(
+                    "--resume",
+                    str(path),
+                    f"carries a Python object ({refused.group(1)}) that weights-only loading "
+                    "refuses; nothing in it ran",
+                    "delete it; resume only from checkpoints unfreeze-hpo wrote",
+                )
+            ) from exc
+        except Exception as exc:  # truncated, corrupt zip, bad header: any unreadable file
+            log(f"warning: {path} is unreadable ({_describe(exc)}); trying the one before")
+    raise ConfigError(
+        Problem(
+            "--resume",
+            str(out),
+            f"no readable checkpoint ({', '.join(p.name for p in candidates)} are damaged)",
+            "run without --resume to start over",
+        )
+    )
 
 
 def _start_over(out: Path, log: Log) -> None:

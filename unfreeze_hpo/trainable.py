@@ -2,11 +2,18 @@
 
 Each epoch's metrics go to ``tune.report`` with the trial's checkpoint, so a worker that dies is
 retried from its last epoch; the objective is always a finite number or the trial fails.
+
+A trial that fails for a reason of its own (diverged, out of memory, a non-finite metric) would fail
+the same way again: Ray's retry (``max_failures``) is meant for workers that died. The failure is
+written to the trial's working directory, and a retry there ends at once with the same reason,
+training nothing.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -22,6 +29,7 @@ from unfreeze_hpo.config import TrialConfig, from_dict
 from unfreeze_hpo.space import SearchSpace
 
 CARRIED = (train.CHECKPOINT, "metrics.jsonl")  # what a Ray checkpoint of a trial holds
+FAILED = "failed.json"  # the TrialFailed that ended an earlier attempt of the trial
 
 
 def run_trial(
@@ -38,6 +46,9 @@ def run_trial(
     context = tune.get_context()
     work = Path(context.get_trial_dir()) / "work"
     cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
+    failed_file = _trial_folder(context) / FAILED
+    if failed_file.is_file():
+        raise train.TrialFailed(**json.loads(failed_file.read_text()))
     resume = _restore_checkpoint(work)
     log_file = (work / "train.log").open("a")
 
@@ -59,10 +70,26 @@ def run_trial(
 
     try:
         train.run(
-            cfg, report, resume=resume, log=lambda line: print(line, file=log_file, flush=True)
+            cfg,
+            report,
+            resume=resume,
+            log=lambda line: print(line, file=log_file, flush=True),
+            trial_id=context.get_trial_id(),
         )
+    except train.TrialFailed as failed:
+        record = {k: getattr(failed, k) for k in ("reason", "detail", "epoch", "step")}
+        failed_file.write_text(json.dumps(record))
+        raise
     finally:
         log_file.close()
+
+
+def _trial_folder(context: Any) -> Path:
+    """A folder of the trial's that every attempt on this node sees: the working directory Ray
+    moves each trial into (``get_trial_dir`` may name another folder after a retry)."""
+    if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
+        return Path.cwd()
+    return Path(context.get_trial_dir())
 
 
 def _restore_checkpoint(work: Path) -> bool:

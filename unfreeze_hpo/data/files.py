@@ -60,13 +60,16 @@ def _check_root(cfg: DataConfig) -> list[Problem]:
     if not isinstance(cfg.root, str | os.PathLike):
         return [Problem("data.root", cfg.root, "must be a path", fix)]
     root = Path(cfg.root).expanduser()
-    if not root.exists():
-        return [Problem("data.root", str(cfg.root), "no such directory", fix)]
-    if not root.is_dir():
-        return [Problem("data.root", str(cfg.root), "is not a directory", fix)]
-    if cfg.kind == "video_csv":
-        return _check_csvs(root)
-    return _check_class_folders(root, _extensions(cfg.kind), fix)
+    try:
+        if not root.exists():
+            return [Problem("data.root", str(cfg.root), "no such directory", fix)]
+        if not root.is_dir():
+            return [Problem("data.root", str(cfg.root), "is not a directory", fix)]
+        if cfg.kind == "video_csv":
+            return _check_csvs(root)
+        return _check_class_folders(root, _extensions(cfg.kind), fix)
+    except OSError as exc:  # a name too long for the OS, a folder this user may not read
+        return [Problem("data.root", str(cfg.root), f"cannot be read ({exc.strerror})", fix)]
 
 
 def _extensions(kind: str) -> tuple[str, ...]:

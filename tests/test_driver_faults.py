@@ -1,0 +1,142 @@
+"""The search driver killed (SIGKILL to its whole process group) or interrupted (SIGINT, as Ctrl-C
+sends it) while trials run, then the same command run again: the search completes with nothing
+lost. The study is SQLite, a relational Optuna storage.
+
+Each run is a subprocess with its own Ray (no in-process Ray here); the kill in the middle of a
+search is in tests/test_search.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from nothing_lost import assert_nothing_lost
+from support import reap_session, write
+
+from unfreeze_hpo.config import STUDY_FILE
+
+# As in test_faults: three epochs of three steps, one unfreeze event at epoch 1.
+BASE = {
+    "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": False},
+    "data": {"kind": "synthetic_video", "train_samples": 48, "val_samples": 16},
+    "epochs": 3,
+    "batch_size": 16,
+    "signals": {"baseline_steps": 2, "window_steps": 2},
+    "schedule": {"kind": "constant"},
+}
+SPACE = """\
+strategy: fixed
+strategies:
+  fixed:
+    phases: [[0, 0], [1, 5]]
+common:
+  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
+"""
+TRIALS = 4
+
+
+def recorded(folder: Path) -> int:
+    db = folder / STUDY_FILE
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM trials").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def reported(folder: Path) -> bool:
+    """A trial has reported an epoch (its result.json has a line)."""
+    return any(p.stat().st_size for p in (folder / "ray").glob("*/result.json"))
+
+
+def command(tmp_path: Path) -> list[str]:
+    base = write(tmp_path / "base.yaml", yaml.safe_dump(BASE))
+    space = write(tmp_path / "space.yaml", SPACE)
+    return [
+        sys.executable,
+        "-m",
+        "unfreeze_hpo.cli",
+        "search",
+        *("--name", "driver", "--storage-path", str(tmp_path / "runs")),
+        *("--base", str(base), "--space", str(space), "--num-trials", str(TRIALS)),
+        *("--max-concurrent", "2", "--cpus-per-trial", "1", "--scheduler", "fifo"),
+        *("--no-preflight", "--no-recipes"),
+    ]
+
+
+def run_until(
+    tmp_path: Path, log_name: str, ready: Callable[[Path], bool], sig: signal.Signals
+) -> tuple[int, str]:
+    """Start the search, send ``sig`` to its process group once ``ready(folder)``; its exit code
+    and output. Every process of its session is gone afterwards."""
+    folder = tmp_path / "runs" / "driver"
+    log_path = tmp_path / log_name
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            command(tmp_path),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while not ready(folder) and driver.poll() is None:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert driver.poll() is None, "the search ended before it could be stopped"
+        os.killpg(driver.pid, sig)
+        code = driver.wait(timeout=120)
+        assert reap_session(driver.pid, grace_s=30) == [] or sig == signal.SIGKILL
+    finally:
+        reap_session(driver.pid, grace_s=0)
+    return code, log_path.read_text()
+
+
+def finish(tmp_path: Path) -> str:
+    """Run the same command again to its end; its output."""
+    done = subprocess.run(
+        command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "resuming the search" in output
+    return output
+
+
+@pytest.mark.parametrize(
+    "ready",
+    [
+        pytest.param(lambda folder: reported(folder) and recorded(folder) == 0, id="first-epoch"),
+        pytest.param(lambda folder: recorded(folder) >= TRIALS - 1, id="last-trial"),
+    ],
+)
+def test_a_driver_killed_then_rerun_completes_the_search(
+    tmp_path: Path, ready: Callable[[Path], bool]
+) -> None:
+    code, _ = run_until(tmp_path, "first.log", ready, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    finish(tmp_path)
+    assert_nothing_lost(tmp_path / "runs" / "driver", TRIALS)
+
+
+def test_ctrl_c_stops_the_search_gracefully_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    code, output = run_until(
+        tmp_path, "first.log", lambda folder: recorded(folder) >= 1, signal.SIGINT
+    )
+    assert code == 130, output
+    assert "interrupted" in output and "run the same command again" in output, output
+    assert "Traceback" not in output, output
+    finish(tmp_path)
+    assert_nothing_lost(tmp_path / "runs" / "driver", TRIALS)

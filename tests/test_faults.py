@@ -1,0 +1,378 @@
+"""Faults a search must survive, injected where the real ones happen; each test ends with the
+nothing-lost check, which also accounts for every fault the injector logged.
+
+The faults come from the trial config's ``faults:`` block (see ``unfreeze_hpo.faults``), honoured
+here because conftest sets ``UNFREEZE_HPO_FAULT_INJECTION=1`` for the suite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from nothing_lost import assert_nothing_lost
+from support import cpu_fp16_autocast, write
+
+from unfreeze_hpo import faults, search
+from unfreeze_hpo.cli import main
+from unfreeze_hpo.config import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search import run_search
+
+State = optuna.trial.TrialState
+
+# Three epochs of three steps; every trial unfreezes all five blocks at epoch 1 (its one
+# unfreeze event, "stage 1").
+BASE = {
+    "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": False},
+    "data": {"kind": "synthetic_video", "train_samples": 48, "val_samples": 16},
+    "epochs": 3,
+    "batch_size": 16,
+    "signals": {"baseline_steps": 2, "window_steps": 2},
+    "schedule": {"kind": "constant"},
+    "max_nonfinite_steps": 3,
+}
+SPACE = """\
+strategy: fixed
+strategies:
+  fixed:
+    phases: [[0, 0], [1, 5]]
+common:
+  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
+"""
+
+
+def search_cfg(
+    tmp_path: Path, *inject: dict[str, Any], trials: int, **changes: Any
+) -> SearchConfig:
+    """A search whose trials meet the faults ``inject``, logged to tmp_path/faults.jsonl."""
+    log = tmp_path / "faults.jsonl"
+    base = {**BASE, **changes.pop("base", {}), "faults": {"log": str(log), "inject": list(inject)}}
+    return SearchConfig(
+        name="faults",
+        storage_path=str(tmp_path / "runs"),
+        base=str(write(tmp_path / "base.yaml", yaml.safe_dump(base))),
+        space=str(write(tmp_path / "space.yaml", SPACE)),
+        num_trials=trials,
+        max_concurrent=2,
+        cpus_per_trial=1,
+        scheduler="fifo",
+        preflight=False,
+        recipes=False,
+        prune_nonfinite=1000,  # these tests watch the trial's own handling, not the pruner
+        **changes,
+    )
+
+
+def fault_search(
+    tmp_path: Path,
+    *inject: dict[str, Any],
+    trials: int = 2,
+    print_log: bool = False,
+    **changes: Any,
+) -> tuple[SearchConfig, Path]:
+    """Run that search to its end; its config and the fault log."""
+    cfg = search_cfg(tmp_path, *inject, trials=trials, **changes)
+    run_search(cfg, log=print if print_log else (lambda line: None))
+    return cfg, tmp_path / "faults.jsonl"
+
+
+def study_trials(cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=cfg.name, storage=cfg.study_url).get_trials()
+
+
+def hit(cfg: SearchConfig, log: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study records of the trials a fault hit."""
+    ids = {e["trial_id"] for e in faults.read_log(log)}
+    return [t for t in study_trials(cfg) if t.user_attrs["ray_trial_id"] in ids]
+
+
+def attempts(log: Path) -> int:
+    """How many attempts of the trials met a fault (an ``every_attempt`` fault meets each)."""
+    return len({e["attempt"] for e in faults.read_log(log)})
+
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker dies
+
+
+def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
+    cfg, log = fault_search(tmp_path, {"kind": "exit", "epoch": 1, "trials": 1})
+    (killed,) = hit(cfg, log)
+    assert killed.state == State.COMPLETE
+    assert killed.user_attrs["restarts"] == 1
+    assert sorted(killed.intermediate_values) == [1, 2, 3]
+    # Resumed at epoch 1 from its checkpoint: a fresh start would report 4 epochs, not 3.
+    assert killed.user_attrs["final"]["training_iteration"] == 3
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+def test_a_worker_killed_every_attempt_fails_after_max_failures(tmp_path: Path) -> None:
+    fault = {"kind": "exit", "epoch": 1, "trials": 1, "every_attempt": True}
+    cfg, log = fault_search(tmp_path, fault, max_failures=1)
+    (killed,) = hit(cfg, log)
+    assert killed.state == State.FAIL
+    assert killed.user_attrs["reason"]
+    assert attempts(log) == 2  # the first try and one retry
+    others = [t for t in study_trials(cfg) if t.number != killed.number]
+    assert [t.state for t in others] == [State.COMPLETE]  # the search went on
+    assert_nothing_lost(cfg.folder, 2, faults_log=log, max_failures=1)
+
+
+def test_a_worker_killed_between_checkpoint_write_and_rename_resumes(tmp_path: Path) -> None:
+    cfg, log = fault_search(tmp_path, {"kind": "crash_in_checkpoint", "epoch": 1, "trials": 1})
+    (killed,) = hit(cfg, log)
+    assert killed.state == State.COMPLETE
+    assert killed.user_attrs["restarts"] == 1
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial fails for a reason of its own: recorded once with the reason, never retried
+
+
+def test_a_nan_metric_fails_the_trial_with_its_reason_and_no_retry(tmp_path: Path) -> None:
+    cfg, log = fault_search(
+        tmp_path, {"kind": "nan_metric", "epoch": 1, "trials": 1, "every_attempt": True}
+    )
+    (failed,) = hit(cfg, log)
+    assert failed.state == State.FAIL
+    assert "nonfinite_metric at epoch 1" in failed.user_attrs["reason"]
+    assert attempts(log) == 1  # a retry would have met it again
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+def test_a_nan_loss_ends_the_trial_as_diverged(tmp_path: Path) -> None:
+    cfg, log = fault_search(
+        tmp_path, {"kind": "nan_loss", "epoch": 1, "trials": 1, "every_attempt": True}
+    )
+    (diverged,) = hit(cfg, log)
+    assert diverged.state == State.FAIL
+    assert "diverged at epoch 1" in diverged.user_attrs["reason"]
+    assert len(faults.read_log(log)) == 3  # max_nonfinite_steps NaN steps, then it stopped
+    assert attempts(log) == 1
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+def test_an_injected_out_of_memory_fails_as_oom_at_its_stage_without_retry(
+    tmp_path: Path,
+) -> None:
+    cfg, log = fault_search(
+        tmp_path, {"kind": "oom", "stage": 1, "trials": 1, "every_attempt": True}
+    )
+    (oom,) = hit(cfg, log)
+    assert oom.state == State.FAIL
+    assert "oom at epoch 1" in oom.user_attrs["reason"]
+    assert "stage 1, 5 blocks" in oom.user_attrs["reason"]
+    assert attempts(log) == 1
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Infinite gradients: skipped steps, and a trial that ends after K in a row
+
+
+def test_a_few_infinite_gradients_are_skipped_and_the_trial_completes(tmp_path: Path) -> None:
+    cfg, log = fault_search(tmp_path, {"kind": "inf_grad", "step": 4, "steps": 2, "trials": 1})
+    (skipped,) = hit(cfg, log)
+    assert skipped.state == State.COMPLETE
+    assert skipped.user_attrs["final"]["skipped_total"] == 2
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+@pytest.mark.skipif(not cpu_fp16_autocast(), reason="this torch has no fp16 autocast on CPU")
+def test_infinite_gradients_under_fp16_are_skipped_by_the_grad_scaler(tmp_path: Path) -> None:
+    fault = {"kind": "inf_grad", "step": 4, "steps": 2, "trials": 1}
+    cfg, log = fault_search(tmp_path, fault, base={"amp": "fp16"})
+    (skipped,) = hit(cfg, log)
+    assert skipped.state == State.COMPLETE
+    assert skipped.user_attrs["final"]["amp_skipped_total"] >= 2  # and any overflow of its own
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+def test_infinite_gradients_k_steps_in_a_row_end_the_trial(tmp_path: Path) -> None:
+    cfg, log = fault_search(tmp_path, {"kind": "inf_grad", "step": 4, "steps": 5, "trials": 1})
+    (diverged,) = hit(cfg, log)
+    assert diverged.state == State.FAIL
+    assert "3 consecutive steps with non-finite loss or gradients" in diverged.user_attrs["reason"]
+    assert_nothing_lost(cfg.folder, 2, faults_log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# The study database is locked
+
+
+class Lock:
+    taken = threading.Event()
+    released_at = math.inf  # unix time
+
+
+@contextlib.contextmanager
+def locked_study(db: Path, hold_s: float | None) -> Iterator[Lock]:
+    """Hold an exclusive lock on the SQLite study from a trial's first epoch on, for ``hold_s``
+    seconds (None: until the block ends)."""
+    lock, release = Lock(), threading.Event()
+    lock.taken = threading.Event()
+
+    def hold() -> None:
+        while not release.is_set() and not (_has_study(db) and _reported(db.parent / "ray")):
+            time.sleep(0.05)
+        if release.is_set():
+            return
+        conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        lock.taken.set()
+        release.wait(hold_s)
+        conn.execute("COMMIT")
+        lock.released_at = time.time()
+        conn.close()
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield lock
+    finally:
+        release.set()
+        thread.join(timeout=60)
+
+
+def _reported(ray_folder: Path) -> bool:
+    return any(p.stat().st_size for p in ray_folder.glob("*/result.json"))
+
+
+def _has_study(db: Path) -> bool:
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.1) as conn:
+            return bool(conn.execute("SELECT count(*) FROM studies").fetchone()[0])
+    except sqlite3.Error:
+        return False
+
+
+def test_a_study_locked_for_a_while_loses_no_trial(tmp_path: Path) -> None:
+    db = tmp_path / "runs" / "faults" / STUDY_FILE
+    with locked_study(db, hold_s=20) as lock:
+        cfg, _ = fault_search(tmp_path, trials=3)
+    assert lock.taken.is_set()
+    # A trial ended while the study was locked, and was written once the lock was gone.
+    waited = [
+        t
+        for t in study_trials(cfg)
+        if t.user_attrs["final"]["timestamp"] < lock.released_at
+        and t.datetime_complete is not None
+        and t.datetime_complete.timestamp() >= lock.released_at - 1
+    ]
+    assert waited, [
+        (t.user_attrs["final"]["timestamp"], lock.released_at) for t in study_trials(cfg)
+    ]
+    assert_nothing_lost(cfg.folder, 3)
+
+
+def test_a_study_down_at_the_end_stops_and_the_rerun_records_every_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(search, "RECORD_RETRY_S", 3.0)
+    monkeypatch.setattr(search, "_QUICK_S", 0.5)
+    db = tmp_path / "runs" / "faults" / STUDY_FILE
+    with locked_study(db, hold_s=None) as lock, pytest.raises(search.StudyUnavailable) as caught:
+        fault_search(tmp_path, trials=2)
+    assert lock.taken.is_set()
+    assert "Run the same command again" in str(caught.value)
+    assert study_trials(search_cfg(tmp_path, trials=2)) == []
+    cfg, _ = fault_search(tmp_path, trials=2)  # the same search again, the database back
+    assert_nothing_lost(cfg.folder, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# A real out-of-memory, and crashes while writing results
+
+
+def test_a_real_allocation_failure_after_an_unfreeze_fails_the_trial_as_oom(
+    tmp_path: Path,
+) -> None:
+    # resnet18's last two blocks hold 8.4M parameters: their gradients (34 MB) cannot be
+    # allocated once the address space is capped 16 MB above what the process maps.
+    log = tmp_path / "faults.jsonl"
+    trial = {
+        "model": {"name": "timm:resnet18"},
+        "data": {"kind": "synthetic_image", "train_samples": 8, "val_samples": 4, "size": 32},
+        "epochs": 2,
+        "batch_size": 4,
+        "strategy": {"name": "fixed", "phases": [[0, 0], [1, 2]]},
+        "output_dir": str(tmp_path / "run"),
+        "faults": {"log": str(log), "inject": [{"kind": "oom", "stage": 1, "real": True}]},
+    }
+    config = write(tmp_path / "trial.yaml", yaml.safe_dump(trial))
+    done = subprocess.run(
+        [sys.executable, "-m", "unfreeze_hpo.cli", "train", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "oom at epoch 1" in output and "stage 1" in output, output
+    assert "can't allocate memory" in output, output  # the allocator's own failure
+    assert "Traceback" not in output
+    (fired,) = faults.read_log(log)
+    assert fired["where"] == {"epoch": 1, "step": 2, "stage": 1}
+    assert [
+        json.loads(line)["metrics"]["epoch"]
+        for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    ] == [0.0]  # epoch 0 kept, nothing half-written after it
+
+
+def test_a_failed_export_leaves_the_previous_file_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg, _ = fault_search(tmp_path, trials=1)
+    out = tmp_path / "schedule.yaml"
+    assert main(["export", str(cfg.folder), "--out", str(out)]) == 0
+    before = out.read_bytes()
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["export", str(cfg.folder), "--out", str(out), "--format", "lightning-fts"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_process_killed_while_writing_leaves_the_previous_file_as_it_was(
+    tmp_path: Path,
+) -> None:
+    target = write(tmp_path / "schedule.yaml", "epochs: 4\n")
+    script = f"""
+import os, signal
+from pathlib import Path
+from unfreeze_hpo.results import write_atomic
+
+def half_then_die(f):
+    f.write("epochs: 1")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+write_atomic(Path({str(target)!r}), half_then_die)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert target.read_text() == "epochs: 4\n"
