@@ -108,6 +108,7 @@ def _sleeping_train_run(
     *,
     resume: bool = False,
     log: Any = print,
+    trial_id: str = "local",
     seconds: float,
 ) -> None:
     """Stands in for ``unfreeze_hpo.train.run``: per epoch, sleep, then write a tiny checkpoint

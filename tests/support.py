@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +46,36 @@ common:
   optimizer.backbone_lr_mult: {type: float, low: 0.1, high: 50.0, log: true}
   optimizer.unfreeze_warmup_steps: 8
 """
+
+# The shortest search task: three epochs of three steps, one unfreeze event (all five blocks) at
+# epoch 1, the "stage 1" of the fault tests. As a dict, so tests add their own keys.
+SHORT_BASE: dict[str, Any] = {
+    "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": False},
+    "data": {"kind": "synthetic_video", "train_samples": 48, "val_samples": 16},
+    "epochs": 3,
+    "batch_size": 16,
+    "signals": {"baseline_steps": 2, "window_steps": 2},
+    "schedule": {"kind": "constant"},
+}
+SHORT_SPACE = """\
+strategy: fixed
+strategies:
+  fixed:
+    phases: [[0, 0], [1, 5]]
+common:
+  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
+"""
+
+
+def count_recorded(db: Path) -> int:
+    """Trials in the SQLite study ``db`` (0 before it exists), read without waiting on a lock."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM trials").fetchone()[0])
+    except sqlite3.Error:
+        return 0
 
 
 def cpu_fp16_autocast() -> bool:

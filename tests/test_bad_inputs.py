@@ -24,10 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import TINY_BASE, run, write
 
-from unfreeze_hpo import config, strategies, train
-from unfreeze_hpo.config import MAX_YAML_BYTES, METRICS, TrialConfig
+from unfreeze_hpo import config, strategies, train, yamlfile
+from unfreeze_hpo.config import METRICS, TrialConfig
 from unfreeze_hpo.errors import ConfigError
 from unfreeze_hpo.space import SearchSpace, load_space, space_from_dict
+from unfreeze_hpo.yamlfile import MAX_YAML_BYTES
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -607,7 +608,7 @@ def built_both_ways(doc: dict[str, Any], build: Any) -> list[Any]:
     for from_file in (False, True):
         try:
             if from_file:
-                values, lines = config.parse_yaml(yaml.safe_dump(doc), "doc.yaml")
+                values, lines = yamlfile.parse_yaml(yaml.safe_dump(doc), "doc.yaml")
             else:
                 values, lines = doc, {}
             out.append(build(values, lines))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,39 +19,15 @@ from pathlib import Path
 import pytest
 import yaml
 from nothing_lost import assert_nothing_lost
-from support import reap_session, write
+from support import SHORT_BASE, SHORT_SPACE, count_recorded, reap_session, write
 
 from unfreeze_hpo.config import STUDY_FILE
 
-# As in test_faults: three epochs of three steps, one unfreeze event at epoch 1.
-BASE = {
-    "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": False},
-    "data": {"kind": "synthetic_video", "train_samples": 48, "val_samples": 16},
-    "epochs": 3,
-    "batch_size": 16,
-    "signals": {"baseline_steps": 2, "window_steps": 2},
-    "schedule": {"kind": "constant"},
-}
-SPACE = """\
-strategy: fixed
-strategies:
-  fixed:
-    phases: [[0, 0], [1, 5]]
-common:
-  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
-"""
 TRIALS = 4
 
 
 def recorded(folder: Path) -> int:
-    db = folder / STUDY_FILE
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return int(conn.execute("SELECT count(*) FROM trials").fetchone()[0])
-    except sqlite3.Error:
-        return 0
+    return count_recorded(folder / STUDY_FILE)
 
 
 def reported(folder: Path) -> bool:
@@ -61,8 +36,8 @@ def reported(folder: Path) -> bool:
 
 
 def command(tmp_path: Path) -> list[str]:
-    base = write(tmp_path / "base.yaml", yaml.safe_dump(BASE))
-    space = write(tmp_path / "space.yaml", SPACE)
+    base = write(tmp_path / "base.yaml", yaml.safe_dump(SHORT_BASE))
+    space = write(tmp_path / "space.yaml", SHORT_SPACE)
     return [
         sys.executable,
         "-m",
@@ -119,7 +94,9 @@ def finish(tmp_path: Path) -> str:
     "ready",
     [
         pytest.param(lambda folder: reported(folder) and recorded(folder) == 0, id="first-epoch"),
-        pytest.param(lambda folder: recorded(folder) >= TRIALS - 1, id="last-trial"),
+        pytest.param(
+            lambda folder: recorded(folder) >= TRIALS - 1, id="last-trial", marks=pytest.mark.full
+        ),
     ],
 )
 def test_a_driver_killed_then_rerun_completes_the_search(

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from unfreeze_hpo import config, export, results
+from unfreeze_hpo import config, export, results, yamlfile
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import SearchConfig, TrialConfig
@@ -60,7 +60,7 @@ def blocks() -> Blocks:
 
 
 def trial(strategy: dict[str, Any], **optimizer: float) -> TrialConfig:
-    values = config.parse_yaml(TINY_BASE)[0]
+    values = yamlfile.parse_yaml(TINY_BASE)[0]
     values["strategy"] = strategy
     values["optimizer"].update(optimizer)
     return config.from_dict(values)
@@ -163,7 +163,7 @@ def test_adaptive_takes_the_recorded_events_others_their_plan(blocks: Blocks) ->
 @pytest.fixture(scope="module")
 def search_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = SearchConfig(name="fts", storage_path=str(tmp_path_factory.mktemp("runs")))
-    base = config.from_dict(config.parse_yaml(TINY_BASE)[0])
+    base = config.from_dict(yamlfile.parse_yaml(TINY_BASE)[0])
     space = space_from_dict(SPACE)
     results.write_inputs(cfg, base, space)
     study = optuna.create_study(storage=cfg.study_url, study_name=cfg.name, direction="maximize")

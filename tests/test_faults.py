@@ -25,7 +25,7 @@ import optuna
 import pytest
 import yaml
 from nothing_lost import assert_nothing_lost
-from support import cpu_fp16_autocast, write
+from support import SHORT_BASE, SHORT_SPACE, cpu_fp16_autocast, write
 
 from unfreeze_hpo import faults, search
 from unfreeze_hpo.cli import main
@@ -34,38 +34,23 @@ from unfreeze_hpo.search import run_search
 
 State = optuna.trial.TrialState
 
-# Three epochs of three steps; every trial unfreezes all five blocks at epoch 1 (its one
-# unfreeze event, "stage 1").
-BASE = {
-    "model": {"name": "pytorchvideo:resnet3d_tiny", "pretrain_on_source": False},
-    "data": {"kind": "synthetic_video", "train_samples": 48, "val_samples": 16},
-    "epochs": 3,
-    "batch_size": 16,
-    "signals": {"baseline_steps": 2, "window_steps": 2},
-    "schedule": {"kind": "constant"},
-    "max_nonfinite_steps": 3,
-}
-SPACE = """\
-strategy: fixed
-strategies:
-  fixed:
-    phases: [[0, 0], [1, 5]]
-common:
-  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
-"""
-
 
 def search_cfg(
     tmp_path: Path, *inject: dict[str, Any], trials: int, **changes: Any
 ) -> SearchConfig:
     """A search whose trials meet the faults ``inject``, logged to tmp_path/faults.jsonl."""
     log = tmp_path / "faults.jsonl"
-    base = {**BASE, **changes.pop("base", {}), "faults": {"log": str(log), "inject": list(inject)}}
+    base = {
+        **SHORT_BASE,
+        "max_nonfinite_steps": 3,
+        **changes.pop("base", {}),
+        "faults": {"log": str(log), "inject": list(inject)},
+    }
     return SearchConfig(
         name="faults",
         storage_path=str(tmp_path / "runs"),
         base=str(write(tmp_path / "base.yaml", yaml.safe_dump(base))),
-        space=str(write(tmp_path / "space.yaml", SPACE)),
+        space=str(write(tmp_path / "space.yaml", SHORT_SPACE)),
         num_trials=trials,
         max_concurrent=2,
         cpus_per_trial=1,
@@ -196,6 +181,7 @@ def test_a_few_infinite_gradients_are_skipped_and_the_trial_completes(tmp_path: 
     assert_nothing_lost(cfg.folder, 2, faults_log=log)
 
 
+@pytest.mark.full
 @pytest.mark.skipif(not cpu_fp16_autocast(), reason="this torch has no fp16 autocast on CPU")
 def test_infinite_gradients_under_fp16_are_skipped_by_the_grad_scaler(tmp_path: Path) -> None:
     fault = {"kind": "inf_grad", "step": 4, "steps": 2, "trials": 1}
@@ -266,6 +252,7 @@ def _has_study(db: Path) -> bool:
         return False
 
 
+@pytest.mark.full
 def test_a_study_locked_for_a_while_loses_no_trial(tmp_path: Path) -> None:
     db = tmp_path / "runs" / "faults" / STUDY_FILE
     with locked_study(db, hold_s=20) as lock:

@@ -20,7 +20,7 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from support import SPIKY_SPACE, TINY_BASE, run, write
 
-from unfreeze_hpo import config, export, results, train
+from unfreeze_hpo import config, export, results, train, yamlfile
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search import load_inputs, run_search
 from unfreeze_hpo.space import load_space
@@ -101,7 +101,7 @@ def test_open_search_reads_back_what_the_search_ran_with(
     assert (searched.folder / results.SEARCH_FILE).is_file()
     assert search.name == "tiny"
     assert (search.metric, search.mode) == ("best_val_acc", "max")
-    assert search.base == config.from_dict(config.parse_yaml(TINY_BASE)[0])
+    assert search.base == config.from_dict(yamlfile.parse_yaml(TINY_BASE)[0])
     original = load_space(searched.space_file)
     assert search.space.strategies == original.strategies
     assert search.space.distributions() == original.distributions()
@@ -397,7 +397,7 @@ def test_the_yaml_writer_quotes_strings_the_project_reader_would_take_for_number
 ) -> None:
     values = {"a": "1e3", "b": "010", "c": "yes", "d": 1e-5, "e": math.inf, "f": [[0, 0], [2, 5]]}
     path = results.write_yaml(tmp_path / "v.yaml", values, "# header\n")
-    assert config.parse_yaml(path.read_text())[0] == values
+    assert yamlfile.parse_yaml(path.read_text())[0] == values
 
 
 def test_the_nothing_lost_check_passes_this_search_and_catches_a_running_trial(

@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import pytest
 import ray
 from nothing_lost import assert_nothing_lost
 from ray import tune
-from support import SPIKY_SPACE, TINY_BASE, reap_session, write
+from support import SPIKY_SPACE, TINY_BASE, count_recorded, reap_session, write
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
@@ -100,16 +99,6 @@ def spiky_space_file(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Resume after the driver is killed (own Ray per subprocess: must run before ray_session)
-
-
-def count_recorded(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return int(conn.execute("SELECT count(*) FROM trials").fetchone()[0])
-    except sqlite3.Error:
-        return 0
 
 
 def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(

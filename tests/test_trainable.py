@@ -67,13 +67,13 @@ def test_a_killed_worker_is_retried_from_its_last_epoch(ray_session: None, tmp_p
     # The epoch in flight when the worker died may be reported again; nothing before it is.
     assert sorted(set(epochs)) == [0, 1, 2, 3] and epochs.count(0) == 1
     assert result.metrics["pid"] != killer.killed[0], "the last epochs ran in a new worker"
-    log = (Path(result.path) / "work" / "train.log").read_text()
-    assert "resumed from" in log, "the retry started from a checkpoint, not from scratch"
-    rows = [
-        json.loads(line)
-        for line in (Path(result.path) / "work" / "metrics.jsonl").read_text().splitlines()
-    ]
+    # The last checkpoint carries the trial's log and metrics to storage.
+    latest = Path(result.checkpoint.path)
+    assert "resumed from" in (latest / "train.log").read_text(), "the retry started from scratch"
+    rows = [json.loads(line) for line in (latest / "metrics.jsonl").read_text().splitlines()]
     assert [r["metrics"]["epoch"] for r in rows] == [0, 1, 2, 3]
+    # The trial's scratch folder (checkpoint files, log) never goes to storage by itself.
+    assert not (Path(result.path) / "work").exists()
 
 
 def test_without_retries_the_killed_trial_errors(ray_session: None, tmp_path: Path) -> None:

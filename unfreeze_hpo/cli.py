@@ -333,12 +333,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _load_checked(path: str) -> Any:
     """The config at ``path``, its strategy checked against the blocks of its model."""
-    from unfreeze_hpo import config
+    from unfreeze_hpo import config, yamlfile
 
     cfg = config.load(path)
     n_blocks = _n_blocks(cfg.model)
     if n_blocks is not None and (problems := list(cfg.strategy.check_blocks(n_blocks))):
-        raise ConfigError(config.locate(problems, path))
+        raise ConfigError(yamlfile.locate(problems, path))
     return cfg
 
 
@@ -754,10 +754,10 @@ def _all_or_errors(*steps: Callable[[], Any]) -> list[Any]:
 
 def _yaml_arg(text: str, option: str) -> Any:
     """An option's value read as YAML by the rules of the config files (010 is not 8)."""
-    from unfreeze_hpo import config
+    from unfreeze_hpo import yamlfile
 
     try:
-        return config.parse_value(text, option)
+        return yamlfile.parse_value(text, option)
     except ConfigError as exc:
         shell = "quote the value for the shell and check its brackets"
         raise ConfigError(

@@ -166,7 +166,7 @@ def _cluster_paths(base_file: str | None) -> list[Problem]:
     exists only in the head's copy of the working dir."""
     if not base_file:
         return []
-    from unfreeze_hpo.config import parse_yaml
+    from unfreeze_hpo.yamlfile import parse_yaml
 
     try:
         values, _ = parse_yaml(Path(base_file).read_text(encoding="utf-8"), base_file)

@@ -24,7 +24,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from unfreeze_hpo import config, storage
+from unfreeze_hpo import config, storage, yamlfile
 from unfreeze_hpo import space as space_module
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
@@ -113,7 +113,7 @@ def changed_space(cfg: SearchConfig, new: SearchSpace) -> list[Problem]:
             text = Path(location).read_text(encoding="utf-8") if Path(location).is_file() else None
         if text is None:
             return []
-        recorded, _ = config.parse_yaml(text, location)
+        recorded, _ = yamlfile.parse_yaml(text, location)
         old = _space_entries(space_to_dict(space_from_dict(recorded.get("space") or {})))
     except (OSError, ConfigError):  # no readable record: the storage checks speak for the folder
         return []
@@ -166,7 +166,7 @@ def _spec(value: Any) -> Any:
         if value.step is not None and not (kind == "int" and value.step == 1):
             spec["step"] = value.step
         return spec
-    return config._plain(value)
+    return yamlfile.plain(value)
 
 
 def open_search(path: str | Path, *, study_storage: str | None = None) -> Search:
@@ -217,7 +217,7 @@ def local_folder(path: str | Path) -> Path:
 def recorded_study_storage(folder: Path) -> str | None:
     """The ``study_storage`` URL recorded in a search folder's ``search.yaml``, if any."""
     try:
-        values, _ = config.parse_yaml((folder / SEARCH_FILE).read_text(encoding="utf-8"), "")
+        values, _ = yamlfile.parse_yaml((folder / SEARCH_FILE).read_text(encoding="utf-8"), "")
     except (OSError, ConfigError):
         return None
     search = values.get("search") if isinstance(values, dict) else None
@@ -226,7 +226,7 @@ def recorded_study_storage(folder: Path) -> str | None:
 
 
 def _read_record(record: Path) -> tuple[SearchConfig, TrialConfig, SearchSpace]:
-    values, _ = config.parse_yaml(record.read_text(encoding="utf-8"), str(record))
+    values, _ = yamlfile.parse_yaml(record.read_text(encoding="utf-8"), str(record))
     problems: list[Problem] = []
     cfg = build(SearchConfig, values.get("search"), "search", problems)
     base = space = None
@@ -521,7 +521,7 @@ class YamlDumper(yaml.SafeDumper):
     take for a number or boolean (``1e3``), so what is written reads back the same."""
 
 
-for _first, _resolvers in config._Loader.yaml_implicit_resolvers.items():
+for _first, _resolvers in yamlfile.Loader.yaml_implicit_resolvers.items():
     for _tag, _regexp in _resolvers:
         YamlDumper.add_implicit_resolver(_tag, _regexp, None if _first is None else [_first])
 

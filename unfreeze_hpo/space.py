@@ -25,7 +25,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from unfreeze_hpo import config, strategies
+from unfreeze_hpo import config, strategies, yamlfile
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.params import check_value, coerce
@@ -182,19 +182,19 @@ class SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML file; ConfigError lists every problem."""
     path = Path(path)
-    if not config.is_file(path):
+    if not yamlfile.is_file(path):
         shipped = ", ".join(sorted(p.name for p in SPACES_DIR.glob("*.yaml")))
         fix = f"give a YAML file; shipped in {SPACES_DIR}: {shipped or 'none'}"
         raise ConfigError(Problem("space", str(path), "no such file", fix))
-    values, lines = config.parse_yaml(config.read_yaml_text(path, "space"), str(path))
+    values, lines = yamlfile.parse_yaml(yamlfile.read_yaml_text(path, "space"), str(path))
     return space_from_dict(values, lines=lines, source=str(path))
 
 
 def locate(problems: typing.Iterable[Problem], source: str) -> list[Problem]:
     """Problems found after the space file ``source`` loaded, with their file:line."""
-    if not source or not config.is_file(Path(source)):
+    if not source or not yamlfile.is_file(Path(source)):
         return list(problems)
-    _, lines = config.parse_yaml(config.read_yaml_text(Path(source), "space"), source)
+    _, lines = yamlfile.parse_yaml(yamlfile.read_yaml_text(Path(source), "space"), source)
     return [_locate(p, lines, source) for p in problems]
 
 

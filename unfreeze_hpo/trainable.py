@@ -28,7 +28,8 @@ from unfreeze_hpo import train
 from unfreeze_hpo.config import TrialConfig, from_dict
 from unfreeze_hpo.space import SearchSpace
 
-CARRIED = (train.CHECKPOINT, "metrics.jsonl")  # what a Ray checkpoint of a trial holds
+# What a Ray checkpoint of a trial holds: the log too, so storage keeps it with the weights.
+CARRIED = (train.CHECKPOINT, "metrics.jsonl", "train.log")
 FAILED = "failed.json"  # the TrialFailed that ended an earlier attempt of the trial
 
 
@@ -44,7 +45,9 @@ def run_trial(
     torch.set_num_threads(max(1, threads))
     node = ray.get_runtime_context().get_node_id()  # which cluster node ran it, for the record
     context = tune.get_context()
-    work = Path(context.get_trial_dir()) / "work"
+    # Scratch space on this node, outside the folder Tune copies to storage_path with each
+    # experiment snapshot: the checkpoints reach storage through tune.report only.
+    work = _trial_folder(context) / "work"
     cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
     failed_file = _trial_folder(context) / FAILED
     if failed_file.is_file():
@@ -85,8 +88,9 @@ def run_trial(
 
 
 def _trial_folder(context: Any) -> Path:
-    """A folder of the trial's that every attempt on this node sees: the working directory Ray
-    moves each trial into (``get_trial_dir`` may name another folder after a retry)."""
+    """A folder of the trial's that every attempt on this node sees and Tune does not upload:
+    the working directory Ray moves each trial into (``get_trial_dir`` names the driver's
+    staging folder, synced to storage, and may name another folder after a retry)."""
     if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
         return Path.cwd()
     return Path(context.get_trial_dir())
@@ -100,7 +104,9 @@ def _restore_checkpoint(work: Path) -> bool:
         return False
     with checkpoint.as_directory() as folder:
         for name in CARRIED:
-            shutil.copy2(Path(folder) / name, work / name)
+            kept = name == "train.log" and (work / name).exists()  # this node's is longer
+            if (Path(folder) / name).exists() and not kept:
+                shutil.copy2(Path(folder) / name, work / name)
     return True
 
 
