@@ -87,20 +87,24 @@ def cpu_fp16_autocast() -> bool:
         return False
 
 
-def session_pids(sid: int) -> list[int]:
-    """The processes of session ``sid`` (a process started with start_new_session=True and
-    everything it spawned that did not leave the session)."""
-    pids = []
+def process_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, sid, …)
+    of every process alive now."""
+    stats = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[3]) == sid:
-            pids.append(int(entry.name))
-    return pids
+    return stats
+
+
+def session_pids(sid: int) -> list[int]:
+    """The processes of session ``sid`` (a process started with start_new_session=True and
+    everything it spawned that did not leave the session)."""
+    return [pid for pid, fields in process_stats().items() if int(fields[3]) == sid]
 
 
 def reap_session(sid: int, grace_s: float) -> list[int]:

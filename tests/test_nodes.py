@@ -31,7 +31,7 @@ from nothing_lost import assert_nothing_lost
 from ray._private import ray_constants
 from ray._private.node import Node
 from ray.cluster_utils import Cluster
-from support import reap_session, write
+from support import process_stats, reap_session, write
 
 from unfreeze_hpo.config import STUDY_FILE
 
@@ -66,17 +66,7 @@ common:
 
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every live (not zombie) process."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            table[int(entry.name)] = int(fields[1])
-    return table
+    return {pid: int(fields[1]) for pid, fields in process_stats().items() if fields[0] != "Z"}
 
 
 def descendants(root: int) -> set[int]:
