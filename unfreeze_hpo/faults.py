@@ -26,6 +26,7 @@ import fcntl
 import json
 import math
 import os
+import resource
 import signal
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -147,8 +148,6 @@ class Injector:
             hook.remove()
         self._hooks.clear()
         if self._limit is not None:
-            import resource
-
             resource.setrlimit(resource.RLIMIT_AS, self._limit)
             self._limit = None
 
@@ -175,7 +174,7 @@ class Injector:
     def _claim(self, index: int, fault: Fault, where: Mapping[str, int]) -> bool:
         with _locked(Path(self.cfg.log)) as f:
             f.seek(0)
-            fired = [json.loads(line) for line in f.read().splitlines() if line.strip()]
+            fired = _entries(f.read())
             mine = [e for e in fired if e["fault"] == index and e["trial_id"] == self.trial_id]
             others = {e["trial_id"] for e in fired if e["fault"] == index} - {self.trial_id}
             if fault.trials and not mine and len(others) >= fault.trials:
@@ -200,8 +199,6 @@ class Injector:
     def _lower_memory_limit(self) -> None:
         """Cap the address space a little above what the process maps now: the next large
         allocation (the gradients of the blocks just unfrozen) fails in the allocator."""
-        import resource
-
         mapped = _mapped_bytes()
         self._limit = resource.getrlimit(resource.RLIMIT_AS)
         resource.setrlimit(resource.RLIMIT_AS, (mapped + 16 * 2**20, self._limit[1]))
@@ -210,9 +207,11 @@ class Injector:
 def read_log(path: str | Path) -> list[dict[str, Any]]:
     """The fired faults, oldest first ([] when none fired)."""
     path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _entries(path.read_text()) if path.exists() else []
+
+
+def _entries(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @contextlib.contextmanager

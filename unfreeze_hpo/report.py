@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 from unfreeze_hpo.config import STUDY_FILE
 from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
 from unfreeze_hpo.results import load_study, recorded_study_storage
+from unfreeze_hpo.train import metrics_rows
 
 REPORT_DIR = "report"  # inside the search folder, unless told otherwise
 STYLES = {"complete": "-", "pruned": "--", "fail": ":"}
@@ -147,17 +147,10 @@ def _metrics_rows(folder: Path, trial_dir: str) -> list[dict[str, float]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, float]]:
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError:
         return []
-    rows = []
-    for line in lines:
-        try:
-            metrics = json.loads(line)["metrics"]
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a killed worker
-        rows.append({k: float(v) for k, v in metrics.items() if _number(v)})
-    return [r for r in rows if "epoch" in r]
+    return [{k: float(v) for k, v in r.items() if _number(v)} for r in metrics_rows(text)]
 
 
 def _timeline_from(rows: list[dict[str, float]]) -> list[tuple[int, int]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,7 +29,7 @@ from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
 from unfreeze_hpo.results import changed_space, write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
-from unfreeze_hpo.train import Log
+from unfreeze_hpo.train import Log, metrics_rows
 from unfreeze_hpo.trainable import run_trial
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -532,14 +531,10 @@ def checkpointed_history(trial: Any) -> list[dict[str, Any]]:
         return []
     try:
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/metrics.jsonl") as f:
-            lines = f.read().decode().splitlines()
-        rows = [json.loads(line)["metrics"] for line in lines if line.strip()]
+            text = f.read().decode()
     except Exception:
         return []
-    return sorted(
-        (r for r in rows if isinstance(r, dict) and isinstance(r.get("epoch"), int | float)),
-        key=lambda r: r["epoch"],
-    )
+    return sorted(metrics_rows(text), key=lambda r: r["epoch"])
 
 
 def _curve_of(history: list[dict[str, Any]], metric: str) -> dict[int, float]:

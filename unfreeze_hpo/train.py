@@ -328,11 +328,7 @@ def _train_epoch(
             outcome = train_step(trial, inputs, labels, params)
         except RuntimeError as exc:
             if _out_of_memory(exc):
-                # The stage is the number of unfreeze events so far: what grew the memory.
-                grown = (
-                    f"stage {len(monitor.events)}, {len(trial.freezer.status().unfrozen)} blocks"
-                )
-                raise TrialFailed("oom", f"{_describe(exc)} ({grown})", epoch, state.step) from exc
+                raise _oom(exc, trial, monitor, epoch, state.step) from exc
             near_event = unfroze and state.step - event_step < cfg.signals.window_steps
             if retried or not near_event:
                 raise TrialFailed("runtime_error", _describe(exc), epoch, state.step) from exc
@@ -348,7 +344,7 @@ def _train_epoch(
                 outcome = train_step(trial, inputs, labels, params)
             except RuntimeError as again:
                 if _out_of_memory(again):
-                    raise TrialFailed("oom", _describe(again), epoch, state.step) from again
+                    raise _oom(again, trial, monitor, epoch, state.step) from again
                 raise TrialFailed(
                     "runtime_error", f"{_describe(again)} (also after the retry)", epoch, state.step
                 ) from again
@@ -503,6 +499,14 @@ def _out_of_memory(exc: RuntimeError) -> bool:
     )
 
 
+def _oom(
+    exc: RuntimeError, trial: Trial, monitor: SpikeMonitor, epoch: int, step: int
+) -> TrialFailed:
+    # The stage is the number of unfreeze events so far: what grew the memory.
+    grown = f"stage {len(monitor.events)}, {len(trial.freezer.status().unfrozen)} blocks"
+    return TrialFailed("oom", f"{_describe(exc)} ({grown})", epoch, step)
+
+
 def _describe(exc: BaseException) -> str:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
     return f"{type(exc).__name__}: {message}"
@@ -635,6 +639,20 @@ def _as_tuple(value: Any) -> Any:
 def _append_metrics(out: Path, metrics: dict[str, float], unfrozen: Sequence[str]) -> None:
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"metrics": metrics, "unfrozen": list(unfrozen)}) + "\n")
+
+
+def metrics_rows(text: str) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a ``metrics.jsonl`` text, oldest first; a line cut short (a
+    worker killed while writing) is skipped."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            metrics = json.loads(line)["metrics"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(metrics, dict) and isinstance(metrics.get("epoch"), int | float):
+            rows.append(metrics)
+    return rows
 
 
 def _read_metrics(out: Path) -> list[dict[str, Any]]:

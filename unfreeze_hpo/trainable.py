@@ -47,9 +47,10 @@ def run_trial(
     context = tune.get_context()
     # Scratch space on this node, outside the folder Tune copies to storage_path with each
     # experiment snapshot: the checkpoints reach storage through tune.report only.
-    work = _trial_folder(context) / "work"
+    folder = _trial_folder(context)
+    work = folder / "work"
     cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
-    failed_file = _trial_folder(context) / FAILED
+    failed_file = folder / FAILED
     if failed_file.is_file():
         raise train.TrialFailed(**json.loads(failed_file.read_text()))
     resume = _restore_checkpoint(work)
