@@ -122,6 +122,14 @@ class LocalCluster:
 
     def remove(self, node: Node, *, graceful: bool) -> None:
         self.processes()  # its workers die with it: note them while they are there
+        if not graceful:
+            # A machine that dies takes its processes with it at once. Killing only the raylet
+            # leaves its workers running until Ray notices the node is gone, time enough for a
+            # short trial to finish there.
+            raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+            for pid in descendants(raylet):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=graceful)
         self.workers.remove(node)
 
