@@ -5,12 +5,20 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from unfreeze_hpo import faults
 
 # The suite may inject faults (tests/test_faults.py); every Ray and subprocess it starts inherits
 # this. No real run sets it, so a faults: block anywhere else is refused.
 os.environ[faults.ENV] = "1"
+
+# Property tests draw the same examples on every run (a failure reproduces; a pass is not luck)
+# and are never failed by a busy machine's clock: no per-example deadline, no too-slow check.
+settings.register_profile(
+    "suite", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="module")

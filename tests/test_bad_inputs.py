@@ -394,17 +394,19 @@ def alias_bomb(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-def test_an_alias_bomb_is_refused_fast_and_small(
+def test_an_alias_bomb_is_refused_without_expanding_it(
     capsys: pytest.CaptureFixture[str], cwd: Path
 ) -> None:
-    started = time.perf_counter()
+    # Walked, the bomb's 9**9 values take minutes of CPU; built, gigabytes. The bound is on this
+    # process's CPU time (12x what the refusal takes here), which other processes do not slow.
+    started = time.process_time()
     tracemalloc.start()
     try:
         path, lines = train_refuses(capsys, cwd, alias_bomb())
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < 10
+    assert time.process_time() - started < 10
     assert peak < 100 * 2**20
     the_problem(lines, f"{path}:", "too many values once its aliases (*name) are expanded")
 

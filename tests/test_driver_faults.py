@@ -21,6 +21,7 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from support import SHORT_BASE, SHORT_SPACE, count_recorded, reap_session, write
 
+from unfreeze_hpo import faults
 from unfreeze_hpo.config import STUDY_FILE
 
 TRIALS = 4
@@ -30,13 +31,16 @@ def recorded(folder: Path) -> int:
     return count_recorded(folder / STUDY_FILE)
 
 
-def reported(folder: Path) -> bool:
-    """A trial has reported an epoch (its result.json has a line)."""
-    return any(p.stat().st_size for p in (folder / "ray").glob("*/result.json"))
+def held(folder: Path) -> bool:
+    """A trial has reported epoch 0 and waits, before epoch 1's report, for the test (every trial
+    that gets there does: none can end until the test lets them go on)."""
+    return bool(faults.read_log(folder.parents[1] / "faults.jsonl"))
 
 
 def command(tmp_path: Path) -> list[str]:
-    base = write(tmp_path / "base.yaml", yaml.safe_dump(SHORT_BASE))
+    hold = {"kind": "hold", "epoch": 1, "release": str(tmp_path / "release")}
+    trial = {**SHORT_BASE, "faults": {"log": str(tmp_path / "faults.jsonl"), "inject": [hold]}}
+    base = write(tmp_path / "base.yaml", yaml.safe_dump(trial))
     space = write(tmp_path / "space.yaml", SHORT_SPACE)
     return [
         sys.executable,
@@ -80,7 +84,8 @@ def run_until(
 
 
 def finish(tmp_path: Path) -> str:
-    """Run the same command again to its end; its output."""
+    """Let held trials go on, and run the same command again to its end; its output."""
+    (tmp_path / "release").touch()
     done = subprocess.run(
         command(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
@@ -91,24 +96,31 @@ def finish(tmp_path: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    "ready",
+    ("ready", "hold"),
     [
-        pytest.param(lambda folder: reported(folder) and recorded(folder) == 0, id="first-epoch"),
+        pytest.param(held, True, id="first-epoch"),
         pytest.param(
-            lambda folder: recorded(folder) >= TRIALS - 1, id="last-trial", marks=pytest.mark.full
+            lambda folder: recorded(folder) >= TRIALS - 1,
+            False,
+            id="last-trial",
+            marks=pytest.mark.full,
         ),
     ],
 )
 def test_a_driver_killed_then_rerun_completes_the_search(
-    tmp_path: Path, ready: Callable[[Path], bool]
+    tmp_path: Path, ready: Callable[[Path], bool], hold: bool
 ) -> None:
+    if not hold:
+        (tmp_path / "release").touch()
     code, _ = run_until(tmp_path, "first.log", ready, signal.SIGKILL)
     assert code == -signal.SIGKILL
     finish(tmp_path)
-    assert_nothing_lost(tmp_path / "runs" / "driver", TRIALS)
+    folder = tmp_path / "runs" / "driver"
+    assert_nothing_lost(folder, TRIALS, faults_log=tmp_path / "faults.jsonl")
 
 
 def test_ctrl_c_stops_the_search_gracefully_and_the_rerun_resumes_it(tmp_path: Path) -> None:
+    (tmp_path / "release").touch()  # trials do not wait
     code, output = run_until(
         tmp_path, "first.log", lambda folder: recorded(folder) >= 1, signal.SIGINT
     )

@@ -33,13 +33,14 @@ from unfreeze_hpo.config import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search import run_search
 
 State = optuna.trial.TrialState
+LOG = "faults.jsonl"
 
 
 def search_cfg(
     tmp_path: Path, *inject: dict[str, Any], trials: int, **changes: Any
 ) -> SearchConfig:
     """A search whose trials meet the faults ``inject``, logged to tmp_path/faults.jsonl."""
-    log = tmp_path / "faults.jsonl"
+    log = tmp_path / LOG
     base = {
         **SHORT_BASE,
         "max_nonfinite_steps": 3,
@@ -72,7 +73,7 @@ def fault_search(
     """Run that search to its end; its config and the fault log."""
     cfg = search_cfg(tmp_path, *inject, trials=trials, **changes)
     run_search(cfg, log=print if print_log else (lambda line: None))
-    return cfg, tmp_path / "faults.jsonl"
+    return cfg, tmp_path / LOG
 
 
 def study_trials(cfg: SearchConfig) -> list[optuna.trial.FrozenTrial]:
@@ -209,37 +210,42 @@ class Lock:
     released_at = math.inf  # unix time
 
 
+def hold(tmp_path: Path) -> dict[str, Any]:
+    """Every trial waits after epoch 0 until ``locked_study`` has taken the lock."""
+    return {"kind": "hold", "epoch": 0, "release": str(tmp_path / "release")}
+
+
 @contextlib.contextmanager
-def locked_study(db: Path, hold_s: float | None) -> Iterator[Lock]:
-    """Hold an exclusive lock on the SQLite study from a trial's first epoch on, for ``hold_s``
-    seconds (None: until the block ends)."""
-    lock, release = Lock(), threading.Event()
+def locked_study(tmp_path: Path, until: threading.Event | None) -> Iterator[Lock]:
+    """Hold an exclusive lock on the SQLite study of ``search_cfg(tmp_path, hold(tmp_path))``
+    from the moment a trial waits at the hold (no trial has ended then: all wait there), until
+    ``until`` is set (None: until the block ends). The trials go on once the lock is taken."""
+    db = tmp_path / "runs" / "faults" / STUDY_FILE
+    lock, done = Lock(), threading.Event()
     lock.taken = threading.Event()
 
-    def hold() -> None:
-        while not release.is_set() and not (_has_study(db) and _reported(db.parent / "ray")):
+    def keep() -> None:
+        while not done.is_set() and not (_has_study(db) and faults.read_log(tmp_path / LOG)):
             time.sleep(0.05)
-        if release.is_set():
+        if done.is_set():
             return
         conn = sqlite3.connect(db, timeout=30, isolation_level=None)
         conn.execute("BEGIN EXCLUSIVE")
         lock.taken.set()
-        release.wait(hold_s)
+        (tmp_path / "release").touch()
+        while not done.is_set() and not (until is not None and until.is_set()):
+            time.sleep(0.05)
         conn.execute("COMMIT")
         lock.released_at = time.time()
         conn.close()
 
-    thread = threading.Thread(target=hold, daemon=True)
+    thread = threading.Thread(target=keep, daemon=True)
     thread.start()
     try:
         yield lock
     finally:
-        release.set()
+        done.set()
         thread.join(timeout=60)
-
-
-def _reported(ray_folder: Path) -> bool:
-    return any(p.stat().st_size for p in ray_folder.glob("*/result.json"))
 
 
 def _has_study(db: Path) -> bool:
@@ -252,11 +258,28 @@ def _has_study(db: Path) -> bool:
         return False
 
 
+def first_write_failure(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set when the study recorder first fails to write an ended trial."""
+    failed = threading.Event()
+    record = search.StudyRecorder._record
+
+    def recording(self: search.StudyRecorder, *args: Any) -> None:
+        try:
+            record(self, *args)
+        except search.DATABASE_ERRORS:
+            failed.set()
+            raise
+
+    monkeypatch.setattr(search.StudyRecorder, "_record", recording)
+    return failed
+
+
 @pytest.mark.full
-def test_a_study_locked_for_a_while_loses_no_trial(tmp_path: Path) -> None:
-    db = tmp_path / "runs" / "faults" / STUDY_FILE
-    with locked_study(db, hold_s=20) as lock:
-        cfg, _ = fault_search(tmp_path, trials=3)
+def test_a_study_locked_for_a_while_loses_no_trial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with locked_study(tmp_path, until=first_write_failure(monkeypatch)) as lock:
+        cfg, _ = fault_search(tmp_path, hold(tmp_path), trials=3)
     assert lock.taken.is_set()
     # A trial ended while the study was locked, and was written once the lock was gone.
     waited = [
@@ -269,7 +292,7 @@ def test_a_study_locked_for_a_while_loses_no_trial(tmp_path: Path) -> None:
     assert waited, [
         (t.user_attrs["final"]["timestamp"], lock.released_at) for t in study_trials(cfg)
     ]
-    assert_nothing_lost(cfg.folder, 3)
+    assert_nothing_lost(cfg.folder, 3, faults_log=tmp_path / LOG)
 
 
 def test_a_study_down_at_the_end_stops_and_the_rerun_records_every_trial(
@@ -277,14 +300,16 @@ def test_a_study_down_at_the_end_stops_and_the_rerun_records_every_trial(
 ) -> None:
     monkeypatch.setattr(search, "RECORD_RETRY_S", 3.0)
     monkeypatch.setattr(search, "_QUICK_S", 0.5)
-    db = tmp_path / "runs" / "faults" / STUDY_FILE
-    with locked_study(db, hold_s=None) as lock, pytest.raises(search.StudyUnavailable) as caught:
-        fault_search(tmp_path, trials=2)
+    with (
+        locked_study(tmp_path, until=None) as lock,
+        pytest.raises(search.StudyUnavailable) as caught,
+    ):
+        fault_search(tmp_path, hold(tmp_path), trials=2)
     assert lock.taken.is_set()
     assert "Run the same command again" in str(caught.value)
-    assert study_trials(search_cfg(tmp_path, trials=2)) == []
-    cfg, _ = fault_search(tmp_path, trials=2)  # the same search again, the database back
-    assert_nothing_lost(cfg.folder, 2)
+    assert study_trials(search_cfg(tmp_path, hold(tmp_path), trials=2)) == []
+    cfg, _ = fault_search(tmp_path, hold(tmp_path), trials=2)  # the same search, the database back
+    assert_nothing_lost(cfg.folder, 2, faults_log=tmp_path / LOG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,3 +388,30 @@ write_atomic(Path({str(target)!r}), half_then_die)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL
     assert target.read_text() == "epochs: 4\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The hold the synchronised tests use
+
+
+def test_a_hold_waits_for_its_release_file_once_per_trial(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    cfg = faults.FaultsConfig(
+        log=str(tmp_path / LOG),
+        inject=({"kind": "hold", "epoch": 1, "trials": 1, "release": str(release)},),
+    )
+    assert faults.check(cfg) == []
+    first, second = faults.Injector(cfg, "a"), faults.Injector(cfg, "b")
+    first.after_epoch(0, {})  # not its epoch
+    assert faults.read_log(tmp_path / LOG) == []
+    threading.Timer(0.3, release.touch).start()
+    first.after_epoch(1, {})  # returns once the file exists
+    assert release.exists()
+    second.after_epoch(1, {})  # trials: 1, and the first took it
+    assert [e["trial_id"] for e in faults.read_log(tmp_path / LOG)] == ["a"]
+
+
+def test_a_hold_needs_an_absolute_release_path() -> None:
+    cfg = faults.FaultsConfig(log="/tmp/f.jsonl", inject=({"kind": "hold", "release": "go"},))
+    (problem,) = faults.check(cfg)
+    assert problem.field == "faults.inject[0].release" and problem.value == "go"

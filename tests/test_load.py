@@ -23,8 +23,17 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from ray.tune.search.optuna import OptunaSearch
 from support import write
-from test_nodes import SPACE, TINY_BASE, local_cluster, search_argv, search_process, study_trials
+from test_nodes import (
+    SPACE,
+    TINY_BASE,
+    local_cluster,
+    search_argv,
+    search_process,
+    study_trials,
+    wait_for,
+)
 
+from unfreeze_hpo import faults
 from unfreeze_hpo.config import SearchConfig
 from unfreeze_hpo.search import run_search
 
@@ -84,19 +93,27 @@ def test_trials_spread_over_the_nodes_of_a_three_node_cluster(
     tmp_path: Path, record_property: RecordProperty
 ) -> None:
     started = time.perf_counter()
-    # One CPU per node and per trial: three trials at once can only run on three nodes.
-    argv = search_argv(
-        tmp_path, "spread", TINY_BASE, num_trials=6, max_concurrent=3, cpus_per_trial=1
-    )
+    # One CPU per node and per trial, and the first three trials wait after epoch 0 until all
+    # three are there: three trials at once, which can only run on three nodes.
+    fault_log, release = tmp_path / "faults.jsonl", tmp_path / "release"
+    barrier = {"kind": "hold", "epoch": 0, "trials": 3, "release": str(release)}
+    base = {**TINY_BASE, "faults": {"log": str(fault_log), "inject": [barrier]}}
+    argv = search_argv(tmp_path, "spread", base, num_trials=6, max_concurrent=3, cpus_per_trial=1)
     log = tmp_path / "search.log"
     with local_cluster(head_cpus=1, workers=2) as cluster:
         nodes = cluster.node_ids()
-        with search_process([*argv, "--address", cluster.address], log, timeout_s=300):
-            pass  # the block ends when the search has
+        with search_process([*argv, "--address", cluster.address], log, timeout_s=300) as proc:
+            wait_for(
+                lambda: proc.poll() is None and len(faults.read_log(fault_log)) == 3,
+                180,
+                "three trials at the barrier",
+                log,
+            )
+            release.touch()
     assert "cluster: 3 node(s) with 3 CPUs" in log.read_text()  # the resource check
     spread = Counter(t.user_attrs["node_id"] for t in study_trials(tmp_path / "runs" / "spread"))
     assert set(spread) == nodes, (spread, nodes)
-    assert_nothing_lost(tmp_path / "runs" / "spread", 6)
+    assert_nothing_lost(tmp_path / "runs" / "spread", 6, faults_log=fault_log)
     print(f"trials per node: {sorted(spread.values())} in {time.perf_counter() - started:.0f}s")
     record_property("trials_per_node", sorted(spread.values()))
     record_property("test_seconds", round(time.perf_counter() - started, 1))

@@ -33,6 +33,7 @@ from ray._private.node import Node
 from ray.cluster_utils import Cluster
 from support import process_stats, reap_session, write
 
+from unfreeze_hpo import faults
 from unfreeze_hpo.config import STUDY_FILE
 
 # Epochs of one step on 2 frames of 16x16: about the smallest trial that trains and validates.
@@ -254,6 +255,7 @@ def wait_for(check: Callable[[], Any], timeout_s: float, what: str, log: Path) -
 
 EPOCHS = 8
 UNFREEZE = 4  # after the node is lost: the resumed trial must recompute its schedule
+HOLD = 2  # the epoch at which the victim's trial waits for its node to go
 
 
 @pytest.mark.parametrize(
@@ -267,7 +269,16 @@ def test_a_trial_on_a_removed_node_resumes_from_its_checkpoint_on_another(
     tmp_path: Path, graceful: bool, record_property: Callable[[str, object], None]
 ) -> None:
     started = time.perf_counter()
-    base = {**TINY_BASE, "epochs": EPOCHS, "data": {**TINY_BASE["data"], "train_samples": 64}}
+    # The first trial to finish epoch HOLD waits there: it is mid-run, by construction, when
+    # its node goes. Its retry on another node does not wait again (a fault fires once a trial).
+    fault_log = tmp_path / "faults.jsonl"
+    hold = {"kind": "hold", "epoch": HOLD, "trials": 1, "release": str(tmp_path / "release")}
+    base = {
+        **TINY_BASE,
+        "epochs": EPOCHS,
+        "data": {**TINY_BASE["data"], "train_samples": 64},
+        "faults": {"log": str(fault_log), "inject": [hold]},
+    }
     argv = search_argv(
         tmp_path,
         "lost-node",
@@ -289,31 +300,26 @@ def test_a_trial_on_a_removed_node_resumes_from_its_checkpoint_on_another(
         search_process([*argv, "--address", cluster.address], log, timeout_s=300) as proc,
     ):
 
-        def reported() -> dict[str, int] | None:
-            """Trial folder -> its latest checkpoint, once both trials have one."""
+        def held() -> str | None:
             assert proc.poll() is None, log.read_text(errors="replace")
-            latest = {
-                trial.name: max(int(c.name.split("_")[1]) for c in checkpoints)
-                for trial in (folder / "ray").glob("run_trial_*")
-                if (checkpoints := list(trial.glob("checkpoint_*")))
-            }
-            return latest if len(latest) == 2 else None
+            entries = faults.read_log(fault_log)
+            return str(entries[0]["trial_id"]) if entries else None
 
-        # The trial least far along loses its node, so it is surely still running.
-        latest = wait_for(reported, 180, "an epoch of both trials", log)
-        name = min(latest, key=latest.__getitem__)
-        assert latest[name] < EPOCHS - 3, f"too fast to lose a node mid-trial: {latest}"
+        trial_id = wait_for(held, 180, f"a trial at epoch {HOLD}", log)
         victim = wait_for(
-            lambda: next((n for n in cluster.workers if name in cluster.trials_on(n)), None),
-            10,
-            f"the node of trial {name}",
+            lambda: next(
+                (n for n in cluster.workers if any(trial_id in t for t in cluster.trials_on(n))),
+                None,
+            ),
+            60,
+            f"the node of trial {trial_id}",
             log,
         )
         cluster.remove(victim, graceful=graceful)
         removed_at = time.perf_counter() - started
 
     trials = {t.user_attrs["ray_trial_id"]: t for t in study_trials(folder)}
-    lost = trials.pop(name.split("_")[2])
+    lost = trials.pop(trial_id)
     (other,) = trials.values()
     assert lost.state == other.state == optuna.trial.TrialState.COMPLETE
     assert lost.user_attrs["restarts"] >= 1
@@ -327,10 +333,10 @@ def test_a_trial_on_a_removed_node_resumes_from_its_checkpoint_on_another(
         == [{"epoch": UNFREEZE, "n_trainable": 5}]
     )
     assert other.user_attrs["restarts"] == 0
-    assert_nothing_lost(folder, 2, max_failures=2)
+    assert_nothing_lost(folder, 2, faults_log=fault_log, max_failures=2)
     seconds = time.perf_counter() - started
     print(
-        f"lost a node after {latest[name] + 1} epoch(s) of trial {name.split('_')[2]} "
+        f"lost a node after {HOLD} epoch(s) of trial {trial_id} "
         f"({removed_at:.0f}s in); restarts {lost.user_attrs['restarts']}; {seconds:.0f}s in all"
     )
     record_property("node_removed_after_s", round(removed_at, 1))

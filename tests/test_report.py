@@ -297,16 +297,16 @@ def test_dashboard_serves_the_study(search: Path, tmp_path: Path) -> None:
         log.close()
 
 
-def _poll(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> bytes:
+def _poll(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> bytes:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"optuna-dashboard exited: {log.read_text()[-2000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=10) as response:
                 assert response.status == 200
                 return bytes(response.read())
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # not listening yet, or slow to answer (URLError, TimeoutError)
             time.sleep(0.2)
     pytest.fail(f"optuna-dashboard did not answer {url} within {timeout:.0f}s")
 

@@ -7,6 +7,7 @@ A trial config's ``faults:`` block lists them::
       inject:
         - {kind: exit, epoch: 1, trials: 2}            # the first 2 trials to reach epoch 1 die
         - {kind: oom, stage: 1, every_attempt: true}   # and again after each restart
+        - {kind: hold, epoch: 0, release: /abs/go}     # every trial waits for /abs/go to exist
 
 The block is honoured only when ``UNFREEZE_HPO_FAULT_INJECTION=1`` (the test suite sets it); in any
 other run a config carrying it is refused, so no real search can inject a fault by accident.
@@ -14,9 +15,11 @@ other run a config carrying it is refused, so no real search can inject a fault 
 Each fault fires where the real failure would: ``exit`` and ``crash_in_checkpoint`` kill the worker
 process with SIGKILL, ``nan_loss`` feeds NaN inputs through the model, ``inf_grad`` makes one
 gradient infinite through a tensor hook, ``oom`` raises ``torch.OutOfMemoryError`` or (``real``)
-lowers the address-space limit so the allocator itself fails. The log line is written and fsynced
-under a file lock before the fault fires, so a test can account for every fault exactly once across
-worker restarts, driver kills and concurrent trials.
+lowers the address-space limit so the allocator itself fails. ``hold`` is no failure but the
+tests' synchronisation: a trial waits at a known point until the test lets it go on, so "a trial
+is mid-run and none has ended" is a state a test reaches by construction, not by timing. The log
+line is written and fsynced under a file lock before the fault fires, so a test can account for
+every fault exactly once across worker restarts, driver kills and concurrent trials.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import math
 import os
 import resource
 import signal
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +53,8 @@ KINDS = {
     "nan_metric": "the reported metrics of epoch `epoch` are NaN",
     "inf_grad": "an infinite gradient on `steps` consecutive steps from global step `step`",
     "oom": "out of memory on the first step after unfreeze event `stage` (1 = the first)",
+    "hold": "the trial waits after epoch `epoch`'s steps, before its report, until the file "
+    "`release` exists (at most `hold_s` seconds)",
 }
 
 
@@ -62,6 +68,8 @@ class Fault:
     trials: int = param(0, ge=0, help="how many trials it hits, the first to get there (0: all)")
     every_attempt: bool = param(False, help="fire again in a restarted trial (else once a trial)")
     real: bool = param(False, help="oom: lower the address-space limit so allocation fails")
+    release: str = param("", help="hold: the absolute path whose creation lets the trial go on")
+    hold_s: float = param(300.0, gt=0, help="hold: the longest wait, in seconds")
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,16 @@ def check(cfg: FaultsConfig) -> list[Problem]:
     if not isinstance(cfg.inject, Sequence) or isinstance(cfg.inject, str):
         return [*problems, Problem("faults.inject", cfg.inject, "must be a list", "- {kind: exit}")]
     for i, item in enumerate(cfg.inject):
-        build(Fault, item, f"faults.inject[{i}]", problems)
+        fault = build(Fault, item, f"faults.inject[{i}]", problems)
+        if fault is not None and fault.kind == "hold" and not os.path.isabs(fault.release):
+            problems.append(
+                Problem(
+                    f"faults.inject[{i}].release",
+                    fault.release,
+                    "a hold needs an absolute path to wait for",
+                    "e.g. /tmp/release",
+                )
+            )
     return problems
 
 
@@ -152,6 +169,9 @@ class Injector:
             self._limit = None
 
     def after_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        held = self._fire("hold", lambda f: f.epoch == epoch, epoch=epoch)
+        if held:
+            _wait_for(Path(held.release), held.hold_s)
         if self._fire("nan_metric", lambda f: f.epoch == epoch, epoch=epoch):
             for key in ("val_loss", "val_acc", "best_val_acc"):
                 metrics[key] = math.nan
@@ -228,6 +248,12 @@ def _locked(path: Path) -> Iterator[Any]:
 def _mapped_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _die() -> None:
