@@ -5,8 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import sqlite3
+import subprocess
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +132,40 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process of this test's (its output to ``log``), terminated when the block ends."""
+    with log.open("w") as out:  # a file, not a pipe: a request log cannot block the server
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.terminate()  # this test's own child, by its pid
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def http_get(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> bytes:
+    """The body of ``url`` once the server ``process`` answers it (fails if it exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
+                return bytes(response.read())
+        except OSError:  # not listening yet, or slow to answer (URLError, TimeoutError)
+            time.sleep(0.2)
+    pytest.fail(f"the server did not answer {url} within {timeout:.0f}s")

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import struct
-import subprocess
-import time
-import urllib.error
-import urllib.request
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +19,17 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from support import free_port, http_get, process_stats, server
 
 from unfreeze_hpo.config import STUDY_FILE
+from unfreeze_hpo.dashboard import dashboard_command, run_dashboard
 from unfreeze_hpo.errors import UnfreezeHPOError, UserError
 from unfreeze_hpo.report import (
     TrialRecord,
     build_report,
-    dashboard_command,
     objective_name,
     open_study,
     read_trials,
-    run_dashboard,
 )
 
 PNGS = ("history", "importances", "curves", "spikes", "ratios")
@@ -271,44 +269,29 @@ def test_dashboard_command_is_local_by_default(search: Path) -> None:
     assert info.value.problems[0].field == "SEARCH"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_dashboard_serves_the_study(search: Path, tmp_path: Path) -> None:
-    port = _free_port()
-    log = (tmp_path / "dashboard.log").open("w")  # a file, not a pipe: its request log can't block
-    process = subprocess.Popen(
-        dashboard_command(search, port=port), stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        body = _poll(f"http://127.0.0.1:{port}/api/studies", process, tmp_path / "dashboard.log")
+    port, log = free_port(), tmp_path / "dashboard.log"
+    with server(dashboard_command(search, port=port), log) as process:
+        body = http_get(f"http://127.0.0.1:{port}/api/studies", process, log)
         names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
         assert names == ["search"]
-    finally:
-        process.terminate()  # this test's own child, by its pid
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
-def _poll(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"optuna-dashboard exited: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                assert response.status == 200
-                return bytes(response.read())
-        except OSError:  # not listening yet, or slow to answer (URLError, TimeoutError)
-            time.sleep(0.2)
-    pytest.fail(f"optuna-dashboard did not answer {url} within {timeout:.0f}s")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_dashboard_command_ends_its_child_when_stopped(
+    search: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    port, log = free_port(), tmp_path / "dashboard.log"
+    argv = [sys.executable, "-m", "unfreeze_hpo.cli", "dashboard", str(search), "--port", str(port)]
+    with server(argv, log) as command:
+        http_get(f"http://127.0.0.1:{port}/api/studies", command, log)
+        children = [pid for pid, f in process_stats().items() if int(f[1]) == command.pid]
+        assert children, "optuna-dashboard runs as the command's child"
+        command.send_signal(sig)  # to the command alone, as `kill` or a supervisor sends it
+        command.wait(timeout=30)
+        alive = {pid for pid, f in process_stats().items() if f[0] != "Z"}
+        left = [pid for pid in children if pid in alive]
+        assert left == [], f"optuna-dashboard left running: {left}"
 
 
 def test_run_dashboard_reports_a_port_in_use(search: Path) -> None:

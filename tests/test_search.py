@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import io
 import json
 import math
@@ -28,7 +29,16 @@ import pytest
 import ray
 from nothing_lost import assert_nothing_lost
 from ray import tune
-from support import SPIKY_SPACE, TINY_BASE, count_recorded, reap_session, write
+from support import (
+    SPIKY_SPACE,
+    TINY_BASE,
+    count_recorded,
+    free_port,
+    http_get,
+    reap_session,
+    server,
+    write,
+)
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig
@@ -160,6 +170,64 @@ def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
 
 # ---------------------------------------------------------------------------------------------
 # No Ray needed
+
+
+def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
+    tmp_path: Path, spiky_space_file: Path
+) -> None:
+    """What Optuna's own tools read: each trial's real start and end (the dashboard's Timeline and
+    durations) and the objective's name, through Optuna's API and optuna-dashboard's."""
+    url = f"sqlite:///{tmp_path / STUDY_FILE}"
+    recorder = StudyRecorder(
+        url, "spans", "best_val_acc", "max", load_space(spiky_space_file), SimpleNamespace()
+    )
+    recorder.setup()
+    now = time.time()
+    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
+    for trial_id, started, last_result in (
+        ("here", now - 30, now - 1),
+        ("before", now - 90, now - 60),
+    ):
+        trial = SimpleNamespace(
+            trial_id=trial_id,
+            config=config,
+            status="TERMINATED",
+            last_result={"best_val_acc": 0.5, "training_iteration": 1},
+            run_metadata=SimpleNamespace(start_time=started, last_result_time=last_result),
+        )
+        recorder.on_trial_result(1, [], trial, {"best_val_acc": 0.5, "training_iteration": 1})
+        if trial_id == "here":  # ended in this driver: its end is when Ray said so
+            recorder.on_trial_complete(1, [], trial)
+            ended = time.time()
+        else:  # ended in an earlier run of the driver, recorded at the end of this one
+            recorder._active.discard(trial_id)
+            recorder.on_experiment_end([trial])
+
+    study = optuna.load_study(study_name="spans", storage=url)
+    assert study.metric_names == ["best_val_acc"]
+    here, before = sorted(study.get_trials(), key=lambda t: t.user_attrs["ray_trial_id"])[::-1]
+    assert here.datetime_start is not None and before.datetime_start is not None
+    assert abs(here.datetime_start.timestamp() - (now - 30)) < 1e-3
+    assert now <= here.datetime_complete.timestamp() <= ended
+    assert abs(before.datetime_start.timestamp() - (now - 90)) < 1e-3
+    assert abs(before.datetime_complete.timestamp() - (now - 60)) < 1e-3
+
+    port, log = free_port(), tmp_path / "dashboard.log"
+    argv = [str(Path(sys.executable).parent / "optuna-dashboard"), url, "--port", str(port)]
+    with server(argv, log) as dashboard:
+        studies = json.loads(http_get(f"http://127.0.0.1:{port}/api/studies", dashboard, log))
+        (summary,) = studies["study_summaries"]
+        detail_url = f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}"
+        detail = json.loads(http_get(detail_url, dashboard, log))
+    assert detail["objective_names"] == ["best_val_acc"]
+    durations = {
+        t["number"]: (
+            datetime.datetime.fromisoformat(t["datetime_complete"])
+            - datetime.datetime.fromisoformat(t["datetime_start"])
+        ).total_seconds()
+        for t in detail["trials"]
+    }
+    assert sorted(round(d) for d in durations.values()) == [30, 30], durations
 
 
 def test_recorder_writes_a_trial_once_per_ray_trial_id(

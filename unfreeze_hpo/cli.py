@@ -724,7 +724,7 @@ def _dashboard_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from unfreeze_hpo.report import run_dashboard
+    from unfreeze_hpo.dashboard import run_dashboard
     from unfreeze_hpo.results import local_folder
 
     run_dashboard(

@@ -1,4 +1,4 @@
-"""Plots and a one-page HTML report of a search, and optuna-dashboard on its study.
+"""Plots and a one-page HTML report of a search.
 
 Reads only what a search wrote (the Optuna study and the trial folders); never imports Ray.
 """
@@ -8,10 +8,9 @@ from __future__ import annotations
 import base64
 import html
 import math
-import subprocess
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from unfreeze_hpo.config import STUDY_FILE
-from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
+from unfreeze_hpo.errors import Problem, UserError
 from unfreeze_hpo.results import load_study, recorded_study_storage
 from unfreeze_hpo.train import metrics_rows
 
@@ -500,48 +499,3 @@ def _section_html(s: Section) -> str:
         f'{head}\n<figure><img src="data:image/png;base64,{data}" alt="{html.escape(s.title)}">'
         f"\n<figcaption>{html.escape(s.caption)}</figcaption></figure>"
     )
-
-
-# -- the dashboard -----------------------------------------------------------------------------
-
-
-def dashboard_command(
-    search_folder: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    study_storage: str | None = None,
-) -> list[str]:
-    """The argv that serves the search's study with optuna-dashboard (local-only by default)."""
-    if not 0 < port < 65536:
-        raise UserError(Problem("--port", port, "not a TCP port", "pass a port in 1..65535"))
-    url = storage_url(search_folder, study_storage)
-    # The script next to this interpreter: the dashboard of this environment, not one on PATH.
-    script = Path(sys.executable).parent / "optuna-dashboard"
-    if not script.is_file():
-        message = "optuna-dashboard is not installed in this environment"
-        raise UserError(Problem("dashboard", str(script), message, "pip install optuna-dashboard"))
-    return [str(script), url, "--host", host, "--port", str(port)]
-
-
-def run_dashboard(
-    search_folder: Path,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    study_storage: str | None = None,
-    log: Callable[[str], None] = print,
-) -> None:
-    """Serve the study until Ctrl-C (blocking)."""
-    argv = dashboard_command(search_folder, host=host, port=port, study_storage=study_storage)
-    log(f"optuna-dashboard on http://{host}:{port}/ for {argv[1]} (Ctrl-C stops it)")
-    if host in ("0.0.0.0", "::"):
-        log("warning: bound to every interface: anyone who reaches this machine can edit the study")
-    process = subprocess.Popen(argv)
-    try:
-        code = process.wait()
-    except KeyboardInterrupt:  # the dashboard got the same Ctrl-C; let it finish
-        process.wait()
-        return
-    if code:
-        raise UnfreezeHPOError(f"optuna-dashboard exited with code {code} (its message is above)")

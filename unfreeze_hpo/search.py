@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,19 +250,21 @@ class StudyRecorder(tune.Callback):
         self._opened: optuna.Study | None = None
         self._recorded: set[str] = set()
         self._waiting: dict[str, tuple[Any, optuna.trial.TrialState, str | None]] = {}
+        self._ended_at: dict[str, float] = {}  # unix time each trial of this driver ended
         self._next_try = 0.0
         self._active: set[str] = set()  # trials that ran in this driver
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_opened"], state["_recorded"], state["_waiting"] = None, set(), {}
-        state["_active"] = set()
+        state["_active"], state["_ended_at"] = set(), {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.__dict__.setdefault("_waiting", {})  # a snapshot from before these fields
         self.__dict__.setdefault("_active", set())
+        self.__dict__.setdefault("_ended_at", {})
         self.__dict__.setdefault("_next_try", 0.0)
         self.__dict__.setdefault("epochs", 0)
         self.__dict__.setdefault("retry_s", RECORD_RETRY_S)
@@ -332,6 +336,7 @@ class StudyRecorder(tune.Callback):
         return state, reason
 
     def _end(self, trial: Any, state: optuna.trial.TrialState, reason: str | None) -> None:
+        self._ended_at.setdefault(trial.trial_id, time.time())
         self._waiting[trial.trial_id] = (trial, state, reason)
         self._flush(patience_s=_QUICK_S)
 
@@ -377,6 +382,10 @@ class StudyRecorder(tune.Callback):
                 direction=direction,
                 load_if_exists=True,
             )
+            if self._opened.metric_names is None:  # what Optuna's tools call "Objective 0"
+                with warnings.catch_warnings():  # set_metric_names is marked experimental
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    self._opened.set_metric_names([self.metric])
             self._recorded = {
                 str(t.user_attrs.get("ray_trial_id"))
                 for t in self._opened.get_trials(deepcopy=False)
@@ -426,17 +435,28 @@ class StudyRecorder(tune.Callback):
             # Ray's count of failed attempts: workers that died and were retried.
             "restarts": int(getattr(getattr(trial, "run_metadata", None), "num_failures", 0)),
         }
-        study.add_trial(
-            optuna.trial.create_trial(
-                state=state,
-                value=value if state != optuna.trial.TrialState.FAIL else None,
-                params=params,
-                distributions={k: distributions[k] for k in params},
-                user_attrs=attrs,
-                intermediate_values=curve if state != optuna.trial.TrialState.FAIL else {},
-            )
+        record = optuna.trial.create_trial(
+            state=state,
+            value=value if state != optuna.trial.TrialState.FAIL else None,
+            params=params,
+            distributions={k: distributions[k] for k in params},
+            user_attrs=attrs,
+            intermediate_values=curve if state != optuna.trial.TrialState.FAIL else {},
         )
+        # The trial's own span, not the moment it is written (Optuna's timeline and durations).
+        start, end = self._span(trial)
+        record.datetime_start, record.datetime_complete = start or end, end
+        study.add_trial(record)
         self._recorded.add(trial.trial_id)
+
+    def _span(self, trial: Any) -> tuple[datetime.datetime | None, datetime.datetime]:
+        """When Ray first ran the trial, and when it ended (its last result, for a trial that
+        ended in an earlier run of the driver), as Optuna's naive local times."""
+        meta = getattr(trial, "run_metadata", None)
+        started = getattr(meta, "start_time", None)
+        ended = self._ended_at.get(trial.trial_id) or getattr(meta, "last_result_time", None)
+        end = datetime.datetime.fromtimestamp(ended or time.time())
+        return (datetime.datetime.fromtimestamp(started) if started else None), end
 
 
 class ProgressPrinter(tune.Callback):
