@@ -211,8 +211,25 @@ def test_trials_command_filters_sorts_and_formats(
 
     code, out, _ = run(capsys, "trials", folder)
     assert code == 0
-    assert "number" in out and "worst_spike" in out and FAIL_REASON in out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 120  # fits a terminal
+    header = lines[1].split()
+    assert header[:3] == ["number", "state", "strategy"]
+    assert {"backbone_lr_mult", "target_ratio", "value", "reason"} <= set(header)  # short names
+    assert "early_gradual.target_ratio" not in header
+    assert FAIL_REASON[:20] in out and "more column(s):" in out and "--wide shows" in out
     assert "None" not in out  # a missing reason or value shows as "-"
+
+    code, out, _ = run(capsys, "trials", folder, "--wide")
+    assert code == 0
+    assert "worst_spike" in out and "ray_trial_id" in out and FAIL_REASON in out
+    assert "more column(s)" not in out
+
+    code, out, _ = run(capsys, "trials", folder, "--columns", "number,early_gradual.target_ratio")
+    assert code == 0
+    assert out.splitlines()[1].split() == ["number", "target_ratio"]
+    code, _, err = run(capsys, "best", folder, "--columns", "number,nope", "--format", "csv")
+    assert code == 2 and "--columns: " in err and "number,nope" in err and "target_ratio" in err
 
     code, out, _ = run(capsys, "trials", folder, "--state", "pruned", "--format", "csv")
     assert code == 0

@@ -558,7 +558,15 @@ def _trials_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", help="only trials of this strategy")
     p.add_argument("--sort", metavar="COLUMN", help="sort by this column (default: number)")
     p.add_argument("--desc", action="store_true", help="sort in descending order")
-    p.add_argument("--format", default="table", help="table (default), csv or json")
+    _table_args(p)
+
+
+def _table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format", default="table", help="table (default: fits 120 columns), csv or json"
+    )
+    p.add_argument("--columns", metavar="A,B,...", help="these columns only (full or short names)")
+    p.add_argument("--wide", action="store_true", help="every column, however wide the table")
 
 
 def cmd_trials(args: argparse.Namespace) -> int:
@@ -581,7 +589,7 @@ def cmd_trials(args: argparse.Namespace) -> int:
             f"search {search.name}: {len(table)} trials; value: the best {search.metric} over "
             "the epochs, final: at the last epoch"
         )
-    print(results.render(table, args.format))
+    print(results.render(table, args.format, columns=args.columns, wide=args.wide))
     return 0
 
 
@@ -589,6 +597,7 @@ def _best_args(p: argparse.ArgumentParser) -> None:
     _search_folder_args(p)
     p.add_argument("--top", type=int, default=1, help="how many trials (default 1)")
     p.add_argument("--by", metavar="strategy", help="'strategy': the top trials of each strategy")
+    _table_args(p)
 
 
 def cmd_best(args: argparse.Namespace) -> int:
@@ -599,14 +608,19 @@ def cmd_best(args: argparse.Namespace) -> int:
             raise ConfigError(Problem("--by", by, "unknown grouping", "use --by strategy"))
         return by
 
-    _all_or_errors(lambda: by_of(args.by), lambda: results.check_top(args.top))
+    _all_or_errors(
+        lambda: by_of(args.by),
+        lambda: results.check_top(args.top),
+        lambda: results.check_format(args.format),
+    )
     search = results.open_search(args.search, study_storage=args.study_storage)
     table = results.best_trials(search, args.top, by_strategy=args.by == "strategy")
     # Hyperparameters of the branches not shown are empty columns: leave them out.
     table = table.drop(columns=[c for c in table.columns if table[c].isna().all()])
     order = "highest" if search.mode == "max" else "lowest"
-    print(f"search {search.name}: best completed trials by {search.metric} ({order} first)")
-    print(results.render(table))
+    if args.format == "table":
+        print(f"search {search.name}: best completed trials by {search.metric} ({order} first)")
+    print(results.render(table, args.format, columns=args.columns, wide=args.wide))
     return 0
 
 

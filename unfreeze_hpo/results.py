@@ -24,7 +24,7 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState
 
-from unfreeze_hpo import config, storage, yamlfile
+from unfreeze_hpo import config, storage, tables, yamlfile
 from unfreeze_hpo import space as space_module
 from unfreeze_hpo.config import STUDY_FILE, SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
@@ -455,21 +455,25 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def render(table: pd.DataFrame, fmt: str = "table") -> str:
-    """The table as aligned text, CSV or JSON records (missing values empty / null)."""
+def render(
+    table: pd.DataFrame,
+    fmt: str = "table",
+    *,
+    columns: str | None = None,
+    wide: bool = False,
+) -> str:
+    """The table as text that fits a terminal (see ``tables``), CSV or JSON records (every column
+    under its full name, missing values empty / null); ``columns`` picks the columns of any."""
     check_format(fmt)
+    chosen = tables.choose(table, columns) if columns is not None else None
+    if fmt == "table":
+        return tables.terminal(table, columns=chosen, wide=wide)
+    if chosen is not None:
+        table = table[chosen]
     if fmt == "csv":
         return str(table.to_csv(index=False))
-    if fmt == "json":
-        records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-        return json.dumps(records, indent=2, default=_json_scalar)
-    if table.empty:
-        return "(no trials)"
-    shown = table.copy()
-    for column in shown.columns:  # None in a text column prints as "None" otherwise
-        if not pd.api.types.is_numeric_dtype(shown[column]):
-            shown[column] = shown[column].where(shown[column].notna(), "-")
-    return str(shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4g}"))
+    records = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    return json.dumps(records, indent=2, default=_json_scalar)
 
 
 def _json_scalar(value: Any) -> Any:
