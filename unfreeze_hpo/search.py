@@ -25,7 +25,7 @@ from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
 from unfreeze_hpo import config as config_module
-from unfreeze_hpo import storage
+from unfreeze_hpo import resources, storage
 from unfreeze_hpo.config import SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
@@ -33,8 +33,6 @@ from unfreeze_hpo.results import changed_space, write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
 from unfreeze_hpo.train import Log, metrics_rows
 from unfreeze_hpo.trainable import run_trial
-
-EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 @dataclass
@@ -52,7 +50,7 @@ def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
     problems: list[Problem] = []
     base = space = None
     try:
-        base = config_module.load(cfg.base or EXAMPLES / "embedded.yaml")
+        base = config_module.load(cfg.base or resources.EXAMPLES / "embedded.yaml")
     except ConfigError as exc:
         problems += exc.problems
     try:

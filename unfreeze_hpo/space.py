@@ -25,13 +25,12 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from unfreeze_hpo import config, strategies, yamlfile
+from unfreeze_hpo import config, resources, strategies, yamlfile
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.params import check_value, coerce
 
-# The editable install the project uses keeps the package next to the repo's search_spaces/.
-SPACES_DIR = Path(__file__).parents[1] / "search_spaces"
+SPACES_DIR = resources.SPACES  # the shipped spaces, package data
 
 _TOP_KEYS = ("strategy", "strategies", "common")
 _OPTIONS: dict[str, tuple[str, ...]] = {
