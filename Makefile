@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all bench lint format clean
+.PHONY: demo test test-all bench wheel lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ BENCHMARKS := worker_overhead frozen_savings orchestration pruning_replay search
 	embedded_transfer
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
+
+# The wheel the cluster templates install (cluster/README.md): dist/unfreeze_hpo-<version>-*.whl.
+wheel: $(STAMP)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format unfreeze_hpo tests benchmarks

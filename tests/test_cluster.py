@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -36,6 +37,7 @@ from unfreeze_hpo.errors import ConfigError
 from unfreeze_hpo.search import check_resources
 
 RAY = Path(sys.executable).parent / "ray"
+ROOT = Path(__file__).resolve().parents[1]
 SPACE = """\
 strategy: [early_gradual, frozen]
 common:
@@ -223,6 +225,9 @@ def test_a_submitted_search_runs_its_trials_on_the_worker_node(
     assert submitted.done.returncode == 0, submitted.done.stdout[-3000:] + submitted.done.stderr
     assert "job two-node-search: SUCCEEDED" in submitted.done.stdout
     assert "cluster: 2 node(s) with 2 CPUs" in submitted.done.stdout  # the resource check
+    # The job ran the unfreeze_hpo it shipped (Ray's py_modules), not one installed on the nodes.
+    (code,) = re.findall(r"unfreeze-hpo \S+ from (\S+), Ray", submitted.done.stdout)
+    assert "runtime_resources" in code and not Path(code).is_relative_to(ROOT), code
     study = optuna.load_study(
         study_name="twonode", storage=f"sqlite:///{submitted.folder / 'study.db'}"
     )
@@ -329,7 +334,7 @@ def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
     }
     submission = jobs.prepare(values, tmp_path)
     assert submission.entrypoint == (
-        "unfreeze-hpo search --name x --storage-path /nfs/runs --base base.yaml "
+        "python -m unfreeze_hpo.cli search --name x --storage-path /nfs/runs --base base.yaml "
         "--gpus-per-trial 0.5 --no-preflight --study-storage sqlite:////nfs/runs/x.db "
         "--address auto"
     )

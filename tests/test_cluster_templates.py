@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,10 @@ CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 LAUNCHERS = ("aws.yaml", "gcp.yaml")
 KUBERAY = {"kuberay-raycluster.yaml": "RayCluster", "kuberay-rayjob.yaml": "RayJob"}
 SBATCH = "slurm.sbatch"
+DOCKERFILE = "Dockerfile"
 README = "README.md"
+VERSION = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]["version"]
+WHEEL = f"unfreeze_hpo-{VERSION}-py3-none-any.whl"  # what `make wheel` writes to dist/
 LAUNCHER_KEYS = (
     "cluster_name",
     "provider",
@@ -237,6 +241,49 @@ def check_sbatch(text: str) -> Problems:
     return problems
 
 
+def check_launcher_install(text: str) -> Problems:
+    """Every node installs the wheel `make wheel` builds, carried there by file_mounts."""
+    doc = yaml.safe_load(text)
+    if "git+" in text:
+        return ["installs unfreeze-hpo from a git URL, not from the wheel this checkout builds"]
+    remote = [r for r, local in (doc.get("file_mounts") or {}).items() if local == f"dist/{WHEEL}"]
+    if not remote:
+        return [f"file_mounts does not carry dist/{WHEEL} (built by `make wheel`)"]
+    if not any(f"pip install {remote[0]}" in c for c in doc.get("setup_commands") or []):
+        return [f"setup_commands do not pip install {remote[0]}"]
+    return []
+
+
+def ray_pin(text: str) -> str | None:
+    found = re.search(r"ray\[[^\]]*\]==([0-9.]+)", text)
+    return found.group(1) if found else None
+
+
+def check_kuberay_image(text: str) -> Problems:
+    """The containers run the image cluster/Dockerfile builds, tagged with this version."""
+    problems = []
+    for line in text.splitlines():
+        if re.match(r"\s*image:", line):
+            image = line.split("image:", 1)[1].split("#", 1)[0].strip()
+            if not image.endswith(f":{VERSION}") or "cluster/Dockerfile" not in line:
+                problems.append(f"image {image} is not the cluster/Dockerfile build of {VERSION}")
+    return problems
+
+
+def check_dockerfile(text: str, ray_version: str | None) -> Problems:
+    problems = []
+    base = re.search(r"^FROM\s+rayproject/ray:([0-9.]+)-py3\d+-gpu\s*$", text, re.M)
+    if not base:
+        problems.append("FROM is not one of Ray's GPU images (rayproject/ray:X-py3NN-gpu)")
+    elif base.group(1) != ray_version:
+        problems.append(f"FROM Ray {base.group(1)}, the launchers pin Ray {ray_version}")
+    if not re.search(rf"^COPY\s+dist/{re.escape(WHEEL)}\s", text, re.M):
+        problems.append(f"does not COPY dist/{WHEEL} (built by `make wheel`)")
+    if not re.search(rf"^RUN\s+pip install\b.*{re.escape(WHEEL)}", text, re.M):
+        problems.append(f"does not pip install {WHEEL}")
+    return problems
+
+
 # ---------------------------------------------------------------------------------------------
 # the templates as they are
 
@@ -249,11 +296,14 @@ def lint(name: str, text: str) -> Problems:
     problems = check_no_wildcard_bind(text)
     if name in LAUNCHERS:
         problems += check_launcher(text) + check_launcher_schema(text)
+        problems += check_launcher_install(text)
         problems += check_search_commands(list(strings(yaml.safe_load(text))), required=False)
     elif name in KUBERAY:
-        problems += check_kuberay(text, KUBERAY[name])
+        problems += check_kuberay(text, KUBERAY[name]) + check_kuberay_image(text)
         doc = yaml.safe_load(text)
         problems += check_search_commands(list(strings(doc)), required=KUBERAY[name] == "RayJob")
+    elif name == DOCKERFILE:
+        return check_dockerfile(text, ray_pin(read(LAUNCHERS[0])))
     elif name == SBATCH:
         problems += check_sbatch(text)
         code = [ln for ln in logical_lines(text) if not ln.lstrip().startswith("#")]
@@ -263,12 +313,20 @@ def lint(name: str, text: str) -> Problems:
     return problems
 
 
-TEMPLATES = (*LAUNCHERS, *KUBERAY, SBATCH)
+TEMPLATES = (*LAUNCHERS, *KUBERAY, SBATCH, DOCKERFILE)
 
 
 def test_every_template_is_linted() -> None:
-    present = {p.name for p in CLUSTER.iterdir() if p.suffix in (".yaml", ".yml", ".sbatch")}
+    present = {
+        p.name
+        for p in CLUSTER.iterdir()
+        if p.suffix in (".yaml", ".yml", ".sbatch") or p.name == DOCKERFILE
+    }
     assert present == set(TEMPLATES)
+
+
+def test_the_launchers_pin_one_ray_version() -> None:
+    assert len({ray_pin(read(name)) for name in LAUNCHERS}) == 1
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
@@ -355,6 +413,19 @@ MUTATIONS: list[Mutation] = [
     ("slurm.sbatch", lambda t: t.replace("unfreeze@", "unfreeze:s3cret@"), "password"),
     ("slurm.sbatch", lambda t: t.replace("\nstop_ray\n", "\n"), "after the search"),
     ("slurm.sbatch", lambda t: t.replace("ray stop --force", "true"), "ray stop"),
+    ("aws.yaml", lambda t: t.replace(f'"dist/{WHEEL}"', '"dist/other.whl"'), "make wheel"),
+    (
+        "gcp.yaml",
+        lambda t: t.replace(f"  - pip install /tmp/unfreeze-hpo/{WHEEL}", "  - echo skipped"),
+        "pip install",
+    ),
+    (
+        "kuberay-rayjob.yaml",
+        lambda t: t.replace(f"unfreeze-hpo:{VERSION}", "unfreeze-hpo:latest", 1),
+        "cluster/Dockerfile",
+    ),
+    ("Dockerfile", lambda t: t.replace("ray:2.60.0-", "ray:2.50.0-"), "launchers pin"),
+    ("Dockerfile", lambda t: t.replace(f"COPY dist/{WHEEL}", "COPY dist/x.whl"), "COPY"),
 ]
 
 

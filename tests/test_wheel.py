@@ -23,6 +23,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)]
     subprocess.run(build, check=True, timeout=300, cwd=wheels)
     (wheel,) = wheels.glob("unfreeze_hpo-*.whl")
+    # The file the cluster templates carry to their nodes and install (`make wheel` builds it).
+    for template in ("aws.yaml", "gcp.yaml", "Dockerfile"):
+        assert f"dist/{wheel.name}" in (ROOT / "cluster" / template).read_text(), template
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     return target
 

@@ -1,8 +1,11 @@
 """A search as a Ray Job: submitted to a cluster's Jobs server, it runs on the head node and
 survives the submitting machine disconnecting; ``status``, ``logs`` and ``stop`` follow it.
 
-The job runs ``unfreeze-hpo search ... --address auto`` in the uploaded working directory. The
-search options are checked here first, so a typo fails on the laptop, not on the cluster.
+The job runs ``python -m unfreeze_hpo.cli search ... --address auto`` in the uploaded working
+directory, with this machine's ``unfreeze_hpo`` package shipped alongside (Ray's ``py_modules``):
+the driver and every trial run the code that was checked here, and the cluster's nodes need only
+the dependencies. The search options are checked here first, so a typo fails on the laptop, not
+on the cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from unfreeze_hpo.errors import ConfigError, Problem, UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the Jobs server through an SSH tunnel or port-forward
 # Never uploaded with the working directory: environments, results, caches, weights.
+PACKAGE = Path(__file__).resolve().parent  # the unfreeze_hpo package a job ships
 EXCLUDES = [
     ".git",
     ".venv",
@@ -198,9 +202,10 @@ def _elsewhere(problem: Problem) -> bool:
 
 
 def _entrypoint(values: Mapping[str, Any], paths: Mapping[str, str], debug: bool) -> str:
-    """``unfreeze-hpo search`` with the given options, on the cluster it runs in."""
+    """``search`` with the given options, on the cluster it runs in."""
     defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
-    argv = ["unfreeze-hpo", *(["--debug"] if debug else []), "search"]
+    # The package ships with the job (py_modules), so the cluster needs only its dependencies.
+    argv = ["python", "-m", "unfreeze_hpo.cli", *(["--debug"] if debug else []), "search"]
     for name, value in values.items():
         flag = name.replace("_", "-")
         if defaults[name] is True or defaults[name] is False:
@@ -223,7 +228,12 @@ def submit(
         submitted: str = jobs.submit_job(
             entrypoint=submission.entrypoint,
             submission_id=job_id,
-            runtime_env={"working_dir": str(submission.working_dir), "excludes": EXCLUDES},
+            runtime_env={
+                "working_dir": str(submission.working_dir),
+                # This machine's unfreeze_hpo, on every node the job touches (driver, trials).
+                "py_modules": [str(PACKAGE)],
+                "excludes": EXCLUDES,
+            },
             metadata={"unfreeze_hpo": "search", "name": cfg.name, "results": cfg.location},
         )
     except RuntimeError as exc:  # the server refused: a duplicate id, an upload too large

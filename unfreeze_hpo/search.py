@@ -24,8 +24,8 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from unfreeze_hpo import __version__, resources, storage
 from unfreeze_hpo import config as config_module
-from unfreeze_hpo import resources, storage
 from unfreeze_hpo.config import SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
@@ -96,6 +96,8 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
     if cfg.preflight:
         _preflight(base, log)
     _start_ray(cfg)
+    # Which code the trials run: on a cluster, the copy a submitted job ships (see jobs.submit).
+    log(f"unfreeze-hpo {__version__} from {Path(__file__).parent}, Ray {ray.__version__}")
     if cfg.resource_check:  # trials no node can hold would wait forever
         log(check_resources(cfg, _alive_nodes()))
     try:  # what results need to rebuild a trial's full config; also proves we can write there
