@@ -24,7 +24,7 @@ import optuna
 import torch
 
 from unfreeze_hpo import faults, results
-from unfreeze_hpo.train import CHECKPOINT
+from unfreeze_hpo.trialdir import CHECKPOINT
 
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}

@@ -23,10 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from unfreeze_hpo import trialdir
 from unfreeze_hpo.config import STUDY_FILE
 from unfreeze_hpo.errors import Problem, UserError
 from unfreeze_hpo.results import load_study, recorded_study_storage
-from unfreeze_hpo.train import metrics_rows
 
 REPORT_DIR = "report"  # inside the search folder, unless told otherwise
 STYLES = {"complete": "-", "pruned": "--", "fail": ":"}
@@ -115,7 +115,9 @@ def _record(trial: optuna.trial.FrozenTrial, folder: Path) -> TrialRecord:
     attrs = trial.user_attrs
     config = attrs.get("config") or {}
     rows = _metrics_rows(folder, str(attrs.get("trial_dir") or ""))
-    timeline = [(int(e["epoch"]), int(e["n_trainable"])) for e in attrs.get("timeline") or []]
+    # Studies written before the timeline was recorded: rebuilt from the rows.
+    events = attrs.get("timeline") or trialdir.timeline(rows)
+    timeline = [(int(e["epoch"]), int(e["n_trainable"])) for e in events]
     return TrialRecord(
         number=trial.number,
         state=trial.state.name.lower(),
@@ -126,7 +128,7 @@ def _record(trial: optuna.trial.FrozenTrial, folder: Path) -> TrialRecord:
         # Optuna steps are Ray's training_iteration, 1-based; the metrics' epochs are 0-based.
         objective={step - 1: v for step, v in sorted(trial.intermediate_values.items())},
         rows=rows,
-        timeline=timeline or _timeline_from(rows),
+        timeline=timeline,
     )
 
 
@@ -139,8 +141,8 @@ def _metrics_rows(folder: Path, trial_dir: str) -> list[dict[str, float]]:
     if not trial_dir:
         return []
     dirs = [Path(trial_dir), folder / "ray" / Path(trial_dir).name]
-    files = [d / "work" / "metrics.jsonl" for d in dirs]
-    files += [max(d.glob("checkpoint_*/metrics.jsonl"), default=d / "-") for d in dirs]
+    files = [d / "work" / trialdir.METRICS for d in dirs]
+    files += [max(d.glob(f"checkpoint_*/{trialdir.METRICS}"), default=d / "-") for d in dirs]
     return max((_read_jsonl(f) for f in files), key=len)
 
 
@@ -149,17 +151,7 @@ def _read_jsonl(path: Path) -> list[dict[str, float]]:
         text = path.read_text()
     except OSError:
         return []
-    return [{k: float(v) for k, v in r.items() if _number(v)} for r in metrics_rows(text)]
-
-
-def _timeline_from(rows: list[dict[str, float]]) -> list[tuple[int, int]]:
-    """Studies written before the timeline was recorded: the growth of unfrozen_blocks."""
-    out: list[tuple[int, int]] = []
-    for row in rows:
-        n = int(row.get("unfrozen_blocks", 0))
-        if n > (out[-1][1] if out else 0):
-            out.append((int(row["epoch"]), n))
-    return out
+    return [{k: float(v) for k, v in r.items() if _number(v)} for r in trialdir.rows(text)]
 
 
 def _number(v: Any) -> bool:

@@ -24,14 +24,14 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from unfreeze_hpo import __version__, resources, storage
+from unfreeze_hpo import __version__, resources, storage, trialdir
 from unfreeze_hpo import config as config_module
 from unfreeze_hpo.config import SearchConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
 from unfreeze_hpo.results import changed_space, write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
-from unfreeze_hpo.train import Log, metrics_rows
+from unfreeze_hpo.train import Log
 from unfreeze_hpo.trainable import run_trial
 
 
@@ -293,7 +293,7 @@ class StudyRecorder(tune.Callback):
             self.curves.setdefault(trial.trial_id, {})[int(result["training_iteration"])] = value
         self.last[trial.trial_id] = dict(result)
         if "unfrozen_blocks" in result:
-            _extend_timeline(self.timelines.setdefault(trial.trial_id, []), result)
+            trialdir.extend_timeline(self.timelines.setdefault(trial.trial_id, []), result)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._end(trial, *self._verdict(trial))
@@ -403,11 +403,7 @@ class StudyRecorder(tune.Callback):
             **_curve_of(history, self.metric),
             **(self.curves.get(trial.trial_id) or _curve_from(trial, self.metric)),
         }
-        timeline = self.timelines.get(trial.trial_id, [])
-        if history:
-            timeline = []
-            for row in history:
-                _extend_timeline(timeline, row)
+        timeline = trialdir.timeline(history) if history else self.timelines.get(trial.trial_id, [])
         last = self.last.get(trial.trial_id) or dict(getattr(trial, "last_result", {}) or {})
         value = None
         if state != optuna.trial.TrialState.FAIL and curve:
@@ -514,16 +510,6 @@ class ProgressPrinter(tune.Callback):
         )
 
 
-def _extend_timeline(timeline: list[dict[str, int]], result: Mapping[str, Any]) -> None:
-    """The realized unfreeze events: each epoch at which the trainable block count grew."""
-    n = int(result["unfrozen_blocks"])
-    epoch = int(result["epoch"])
-    if any(event["epoch"] == epoch for event in timeline):
-        return  # an epoch reported again after a worker restart
-    if n > (timeline[-1]["n_trainable"] if timeline else 0):
-        timeline.append({"epoch": epoch, "n_trainable": n})
-
-
 def _describe(config: Mapping[str, Any]) -> str:
     def short(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -550,11 +536,11 @@ def checkpointed_history(trial: Any) -> list[dict[str, Any]]:
     if checkpoint is None:
         return []
     try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/metrics.jsonl") as f:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{trialdir.METRICS}") as f:
             text = f.read().decode()
     except Exception:
         return []
-    return sorted(metrics_rows(text), key=lambda r: r["epoch"])
+    return sorted(trialdir.rows(text), key=lambda r: r["epoch"])
 
 
 def _curve_of(history: list[dict[str, Any]], metric: str) -> dict[int, float]:

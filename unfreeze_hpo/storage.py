@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
+from unfreeze_hpo import trialdir
 from unfreeze_hpo.errors import Problem
 
 if TYPE_CHECKING:  # pyarrow is imported when a file is touched, not by every config reader
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # pyarrow is imported when a file is touched, not by every co
 URI_FIX = "a local or NFS path, or a URI such as s3://bucket/runs or gs://bucket/runs"
 
 # The files a reader of a search needs; anything else (checkpoint.pt, events files) stays put.
-MIRRORED = frozenset({"search.yaml", "result.json", "params.json", "metrics.jsonl"})
+MIRRORED = frozenset({"search.yaml", "result.json", "params.json", trialdir.METRICS})
 
 
 def is_uri(path: str | os.PathLike[str]) -> bool:

@@ -8,7 +8,6 @@ spike signals, a metrics line, an atomic checkpoint and a report. No Ray, YAML o
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import pickle
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from unfreeze_hpo import data
+from unfreeze_hpo import data, trialdir
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
@@ -32,12 +31,11 @@ from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer, build_optimizer
 from unfreeze_hpo.models import build, load_checkpoint
 from unfreeze_hpo.signals import SpikeMonitor
+from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
 
 Report = Callable[[dict[str, float], Path | None], None]
 Log = Callable[[str], None]
-CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("epochs", "output_dir", "provenance")  # config keys a resume may change
-PREVIOUS = "checkpoint.prev.pt"
 
 
 class TrialFailed(UnfreezeHPOError):
@@ -208,14 +206,14 @@ def run(
             trial.faults.after_epoch(epoch, metrics)
         state.epoch = epoch + 1
         checkpoint = _save_checkpoint(trial, monitor, state, out)
-        _append_metrics(out, metrics, status.unfrozen)
-        _write_csv(out)  # rewritten each epoch, so a failed trial still leaves its table
+        trialdir.append(out, metrics, status.unfrozen)
+        trialdir.write_csv(out)  # rewritten each epoch, so a failed trial still leaves its table
         log(_epoch_line(cfg, metrics))
         log(status.line(epoch))
         if report is not None:
             report(metrics, checkpoint)
 
-    final = _read_metrics(out)[-1]["metrics"] if state.epoch > 0 else {}
+    final = trialdir.read_rows(out)[-1] if state.epoch > 0 else {}
     return Summary(
         state.epoch,
         state.step,
@@ -582,7 +580,7 @@ def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopSta
     if "cuda" in payload["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     state = LoopState(**payload["loop"])
-    _truncate_metrics(out, state.epoch)
+    trialdir.truncate(out, state.epoch)
     log(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
     return state
 
@@ -625,7 +623,7 @@ def _load_checkpoint(out: Path, device: torch.device, log: Log) -> tuple[Path, d
 
 def _start_over(out: Path, log: Log) -> None:
     """A fresh run in a used folder: drop the old run's checkpoints and metrics."""
-    stale = [out / n for n in (CHECKPOINT, PREVIOUS, "metrics.jsonl", "metrics.csv")]
+    stale = [out / n for n in trialdir.STALE]
     if any(p.exists() for p in stale[:2]):
         log(f"note: {out} holds an earlier run; starting over (use --resume to continue it)")
     for path in stale:
@@ -634,48 +632,3 @@ def _start_over(out: Path, log: Log) -> None:
 
 def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
-
-
-def _append_metrics(out: Path, metrics: dict[str, float], unfrozen: Sequence[str]) -> None:
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"metrics": metrics, "unfrozen": list(unfrozen)}) + "\n")
-
-
-def metrics_rows(text: str) -> list[dict[str, Any]]:
-    """The per-epoch metrics of a ``metrics.jsonl`` text, oldest first; a line cut short (a
-    worker killed while writing) is skipped."""
-    rows = []
-    for line in text.splitlines():
-        try:
-            metrics = json.loads(line)["metrics"]
-        except (ValueError, KeyError, TypeError):
-            continue
-        if isinstance(metrics, dict) and isinstance(metrics.get("epoch"), int | float):
-            rows.append(metrics)
-    return rows
-
-
-def _read_metrics(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _truncate_metrics(out: Path, epochs: int) -> None:
-    """Keep the lines of epochs before ``epochs`` (a resumed run rewrites the rest)."""
-    rows = [r for r in _read_metrics(out) if r["metrics"]["epoch"] < epochs]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _write_csv(out: Path) -> None:
-    import csv
-
-    rows = [r["metrics"] for r in _read_metrics(out)]
-    if not rows:
-        return
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with (out / "metrics.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)

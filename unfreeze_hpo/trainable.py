@@ -24,12 +24,11 @@ import ray
 import torch
 from ray import tune
 
-from unfreeze_hpo import train
+from unfreeze_hpo import train, trialdir
 from unfreeze_hpo.config import TrialConfig, from_dict
 from unfreeze_hpo.space import SearchSpace
 
-# What a Ray checkpoint of a trial holds: the log too, so storage keeps it with the weights.
-CARRIED = (train.CHECKPOINT, "metrics.jsonl", "train.log")
+CARRIED = trialdir.CARRIED  # what a Ray checkpoint of a trial holds
 FAILED = "failed.json"  # the TrialFailed that ended an earlier attempt of the trial
 
 
@@ -54,7 +53,7 @@ def run_trial(
     if failed_file.is_file():
         raise train.TrialFailed(**json.loads(failed_file.read_text()))
     resume = _restore_checkpoint(work)
-    log_file = (work / "train.log").open("a")
+    log_file = (work / trialdir.LOG).open("a")
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
         if not math.isfinite(metrics.get(metric, math.nan)):
@@ -105,7 +104,7 @@ def _restore_checkpoint(work: Path) -> bool:
         return False
     with checkpoint.as_directory() as folder:
         for name in CARRIED:
-            kept = name == "train.log" and (work / name).exists()  # this node's is longer
+            kept = name == trialdir.LOG and (work / name).exists()  # this node's is longer
             if (Path(folder) / name).exists() and not kept:
                 shutil.copy2(Path(folder) / name, work / name)
     return True

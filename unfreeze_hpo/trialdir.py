@@ -1,0 +1,104 @@
+"""The trial folder's format: its file names, the per-epoch metrics rows, and the unfreeze timeline.
+
+``train`` writes a trial folder through this module and everything else reads it through it, so
+a reader (the study recorder, the report, storage mirrors) never imports the training loop or
+torch to parse a line of JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT = "checkpoint.pt"  # the latest checkpoint (model, optimizer, schedule and RNG state)
+PREVIOUS = "checkpoint.prev.pt"  # the one before: resume falls back to it if the latest is damaged
+METRICS = "metrics.jsonl"  # one line per epoch: {"metrics": {...}, "unfrozen": [block names]}
+METRICS_CSV = "metrics.csv"  # the same metrics as a table, rewritten each epoch
+LOG = "train.log"  # the trial's log lines
+# What a Ray checkpoint of a trial carries to storage: the log too, kept with the weights.
+CARRIED = (CHECKPOINT, METRICS, LOG)
+# What a fresh run in a used folder removes.
+STALE = (CHECKPOINT, PREVIOUS, METRICS, METRICS_CSV)
+
+Event = dict[str, int]  # an unfreeze event: {"epoch": e, "n_trainable": n}
+
+
+def append(out: Path, metrics: Mapping[str, float], unfrozen: Sequence[str]) -> None:
+    """Add epoch ``metrics`` (with the names of the blocks trainable in it) to the folder."""
+    with (out / METRICS).open("a") as f:
+        f.write(json.dumps({"metrics": dict(metrics), "unfrozen": list(unfrozen)}) + "\n")
+
+
+def rows(text: str) -> list[dict[str, Any]]:
+    """The per-epoch metrics of a ``metrics.jsonl`` text, in file order; a line cut short (a
+    worker killed while writing) or without an epoch is skipped."""
+    out = []
+    for line in _lines(text):
+        metrics = line.get("metrics")
+        if isinstance(metrics, dict) and isinstance(metrics.get("epoch"), int | float):
+            out.append(metrics)
+    return out
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """The per-epoch metrics of the trial folder ``out`` ([] when it has none)."""
+    path = out / METRICS
+    return rows(path.read_text()) if path.exists() else []
+
+
+def truncate(out: Path, epochs: int) -> None:
+    """Keep the lines of epochs before ``epochs`` (a resumed run writes the rest again)."""
+    path = out / METRICS
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in _lines(path.read_text())
+        if isinstance(epoch := line["metrics"].get("epoch"), int | float) and epoch < epochs
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+
+
+def write_csv(out: Path) -> None:
+    """``metrics.csv`` from ``metrics.jsonl``: one column per metric any epoch reported."""
+    table = read_rows(out)
+    if not table:
+        return
+    columns = list(dict.fromkeys(k for r in table for k in r))
+    with (out / METRICS_CSV).open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def extend_timeline(timeline: list[Event], row: Mapping[str, Any]) -> None:
+    """Add the epoch ``row`` to ``timeline`` if its trainable block count grew (an unfreeze
+    event); an epoch reported again (after a worker restart) adds nothing."""
+    n, epoch = int(row.get("unfrozen_blocks", 0)), int(row["epoch"])
+    if any(event["epoch"] == epoch for event in timeline):
+        return
+    if n > (timeline[-1]["n_trainable"] if timeline else 0):
+        timeline.append({"epoch": epoch, "n_trainable": n})
+
+
+def timeline(history: Iterable[Mapping[str, Any]]) -> list[Event]:
+    """The unfreeze events a trial took, from its per-epoch rows (or results) in epoch order."""
+    events: list[Event] = []
+    for row in history:
+        extend_timeline(events, row)
+    return events
+
+
+def _lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            parsed = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(parsed, dict) and isinstance(parsed.get("metrics"), dict):
+            out.append(parsed)
+    return out
