@@ -322,6 +322,36 @@ def test_submit_refuses_paths_that_only_exist_here(
     assert "--num-trials: " in err
 
 
+def test_submit_refuses_what_search_refuses_in_the_space(tmp_path: Path) -> None:
+    """The same checks as ``search``: a space naming more blocks than the model has, and a space
+    other than the one the search being resumed started with."""
+    from unfreeze_hpo.results import write_inputs
+    from unfreeze_hpo.search import load_inputs
+
+    (tmp_path / "base.yaml").write_text(TINY_BASE)  # resnet3d_tiny: 5 blocks
+    (tmp_path / "space.yaml").write_text(SPACE)
+    (tmp_path / "big.yaml").write_text(
+        "strategy: fixed\nstrategies:\n  fixed:\n    phases: [[0, 0], [1, 9]]\n"
+    )
+    values = {"name": "s", "base": "base.yaml", "storage_path": str(tmp_path / "runs")}
+    with pytest.raises(ConfigError) as caught:
+        jobs.prepare({**values, "space": "big.yaml"}, tmp_path)
+    (problem,) = caught.value.problems
+    assert problem.field == "strategies.fixed.phases[1]" and "the model has 5" in problem.message
+
+    started = SearchConfig(
+        name="s", storage_path=str(tmp_path / "runs"), base=str(tmp_path / "base.yaml")
+    )
+    (tmp_path / "runs" / "s").mkdir(parents=True)
+    write_inputs(started, *load_inputs(started))  # a search begun on the default space
+    with pytest.raises(ConfigError) as caught:
+        jobs.prepare({**values, "space": "space.yaml"}, tmp_path)
+    assert caught.value.problems
+    assert all("search 's' started with" in p.message for p in caught.value.problems), [
+        p.message for p in caught.value.problems
+    ]
+
+
 def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(TINY_BASE)
     values = {

@@ -336,22 +336,10 @@ def _load_checked(path: str) -> Any:
     from unfreeze_hpo import config, yamlfile
 
     cfg = config.load(path)
-    n_blocks = _n_blocks(cfg.model)
+    n_blocks = cfg.model.n_blocks()
     if n_blocks is not None and (problems := list(cfg.strategy.check_blocks(n_blocks))):
         raise ConfigError(yamlfile.locate(problems, path))
     return cfg
-
-
-def _n_blocks(model: Any) -> int | None:
-    """How many blocks the model of a ModelConfig has (built on the meta device: cheap), or None
-    when they cannot be found here; training reports why in full."""
-    from unfreeze_hpo.blocks import discover_spec
-
-    try:
-        spec = model.spec(model.num_classes or 2)
-        return len(discover_spec(spec, model.granularity, model.matcher))
-    except Exception:  # a courtesy check: what it cannot build, the trial reports
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,26 +391,28 @@ def _search_values(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     from unfreeze_hpo.config import SearchConfig, as_option
     from unfreeze_hpo.params import build
-    from unfreeze_hpo.results import changed_space
-    from unfreeze_hpo.search import PreflightFailed, check_storage, load_inputs, run_search
+    from unfreeze_hpo.search import (
+        PreflightFailed,
+        check_inputs,
+        check_storage,
+        load_inputs,
+        run_search,
+    )
     from unfreeze_hpo.storage import redact
 
     values = _search_values(args)
     problems: list[Problem] = []
     cfg = build(SearchConfig, values, "search", problems)
     problems = [as_option(p) for p in problems]
-    space = None
+    inputs = None
     try:  # the space and base files too, so one run reports every problem
-        base, space = load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
-        if (n_blocks := _n_blocks(base.model)) is not None:
-            problems += space.check_blocks(n_blocks)
+        inputs = load_inputs(SearchConfig(space=values.get("space"), base=values.get("base")))
     except ConfigError as exc:
         problems += exc.problems
-    if cfg is not None:
-        storage_problems = [as_option(p) for p in check_storage(cfg)]
-        problems += storage_problems
-        if space is not None and not storage_problems:
-            problems += changed_space(cfg, space)  # a resumed search samples its first space
+    storage_problems = [as_option(p) for p in check_storage(cfg)] if cfg is not None else []
+    problems += storage_problems
+    if inputs is not None:  # a resumed search samples its first space: read where storage is
+        problems += check_inputs(None if storage_problems else cfg, *inputs)
     if problems:
         raise ConfigError(problems)
     assert cfg is not None

@@ -68,6 +68,17 @@ class ModelConfig:
     def spec(self, num_classes: int) -> ModelSpec:
         return ModelSpec(self.name, self.pretrained, self.checkpoint, num_classes, self.kwargs)
 
+    def n_blocks(self) -> int | None:
+        """How many blocks the model has (built on the meta device: cheap), or None when they
+        cannot be found here; training reports why in full."""
+        from unfreeze_hpo.blocks import discover_spec
+
+        spec = self.spec(self.num_classes or 2)
+        try:
+            return len(discover_spec(spec, self.granularity, self.matcher))  # type: ignore[arg-type]
+        except Exception:  # a courtesy check: what it cannot build, the trial reports
+            return None
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:

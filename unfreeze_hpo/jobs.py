@@ -101,7 +101,7 @@ def prepare(
     """Check the search options ``values`` (SearchConfig fields as given on the command line)
     for a run on a cluster, and build the job's entrypoint. Every problem at once."""
     from unfreeze_hpo.params import build
-    from unfreeze_hpo.search import check_storage, load_inputs
+    from unfreeze_hpo.search import check_inputs, check_storage, load_inputs
 
     problems: list[Problem] = []
     notes: list[str] = []
@@ -135,8 +135,9 @@ def prepare(
             shipped[field] = str(here.resolve())
             notes.append(f"--{field} {here} is outside the working dir: it must exist on the head")
     problems += _cluster_paths(local.get("base"))
+    inputs = None
     try:
-        load_inputs(SearchConfig(space=local.get("space"), base=local.get("base")))
+        inputs = load_inputs(SearchConfig(space=local.get("space"), base=local.get("base")))
     except ConfigError as exc:
         for problem in exc.problems:
             if _elsewhere(problem):  # e.g. /nfs/data mounted on the cluster, not here
@@ -155,7 +156,10 @@ def prepare(
                 "give a path every node mounts (/nfs/unfreeze-runs) or a URI (s3://bucket/runs)",
             )
         )
-    problems += [as_option(p) for p in check_storage(cfg)]
+    storage_problems = [as_option(p) for p in check_storage(cfg)]
+    problems += storage_problems
+    if inputs is not None:  # as `search` checks them; the resume where storage is readable
+        problems += check_inputs(None if storage_problems else built, *inputs)
     if problems or built is None:
         raise ConfigError(problems)
     return Submission(_entrypoint(values, shipped, debug), folder, built, notes)

@@ -63,6 +63,18 @@ def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
     return _absolute_paths(base), space
 
 
+def check_inputs(cfg: SearchConfig | None, base: TrialConfig, space: SearchSpace) -> list[Problem]:
+    """What ``search`` and ``submit`` check once the files load: the space names no more blocks
+    than the base model has, and (with ``cfg``, whose storage must be readable) a resumed search
+    keeps the space it started with."""
+    problems = []
+    if (count := base.model.n_blocks()) is not None:
+        problems += space.check_blocks(count)
+    if cfg is not None:
+        problems += changed_space(cfg, space)
+    return problems
+
+
 def check_storage(cfg: SearchConfig) -> list[Problem]:
     """Where the search writes: a storage_path pyarrow opens, a study database that works."""
     problems = [p for p in [storage.check_location(cfg.storage_path, "storage_path")] if p]
