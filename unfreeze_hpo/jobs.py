@@ -25,8 +25,8 @@ from unfreeze_hpo.config import SearchConfig, as_option
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the Jobs server through an SSH tunnel or port-forward
-# Never uploaded with the working directory: environments, results, caches, weights.
 PACKAGE = Path(__file__).resolve().parent  # the unfreeze_hpo package a job ships
+# Never uploaded with the working directory: environments, results, caches, weights.
 EXCLUDES = [
     ".git",
     ".venv",

@@ -97,7 +97,7 @@ def check_storage(cfg: SearchConfig) -> list[Problem]:
 def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
     """Run (or resume) the search ``cfg`` describes and return where its results are."""
     base, space = load_inputs(cfg)
-    if problems := check_storage(cfg) or changed_space(cfg, space):
+    if problems := check_storage(cfg) or check_inputs(cfg, base, space):
         raise ConfigError(problems)
     # Storage, database and cluster are all checked before anything is written.
     if why := storage.unreachable(cfg.location):
