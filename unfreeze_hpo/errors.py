@@ -57,3 +57,9 @@ class BlockError(UserError):
 
 class AuditError(UnfreezeHPOError):
     """The model's actual freeze state differs from the plan that was applied."""
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as "Type: first line of its message", never an empty string."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"

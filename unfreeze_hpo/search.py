@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from unfreeze_hpo import __version__, resources, storage, trialdir
 from unfreeze_hpo import config as config_module
 from unfreeze_hpo.config import SearchConfig, TrialConfig
-from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.pruning import SpikeRule, make_scheduler
 from unfreeze_hpo.results import changed_space, write_inputs
 from unfreeze_hpo.space import SearchSpace, default_space, load_space
@@ -580,8 +580,7 @@ def error_reason(trial: Any) -> str:
         error = None
     cause = getattr(error, "cause", None) or error  # RayTaskError wraps the trial's exception
     if cause is not None:
-        message = str(cause).strip().splitlines()
-        return f"{type(cause).__name__}: {message[0] if message else '(no message)'}"
+        return describe(cause)
     path = getattr(trial, "error_file", None)
     if path and Path(path).is_file():
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
@@ -603,7 +602,7 @@ def _preflight(base: TrialConfig, log: Log) -> None:
         raise PreflightFailed(result.report())
 
 
-class PreflightFailed(Exception):
+class PreflightFailed(UnfreezeHPOError):
     """The overfit check failed: the search does not start."""
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from unfreeze_hpo import trialdir
-from unfreeze_hpo.errors import Problem
+from unfreeze_hpo.errors import Problem, describe
 
 if TYPE_CHECKING:  # pyarrow is imported when a file is touched, not by every config reader
     from pyarrow import fs as pafs
@@ -66,7 +66,7 @@ def check_location(location: str, field: str) -> Problem | None:
     try:
         open_location(location)
     except Exception as exc:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError
-        return Problem(field, location, f"cannot be opened ({_first_line(exc)})", URI_FIX)
+        return Problem(field, location, f"cannot be opened ({describe(exc)})", URI_FIX)
     return None
 
 
@@ -83,7 +83,7 @@ def unreachable(location: str) -> str | None:
         if filesystem.get_file_info(bucket).type != pafs.FileType.Directory:
             return f"no bucket {bucket!r} there"
     except Exception as exc:  # OSError from the store: credentials, endpoint, permissions
-        return _first_line(exc)
+        return describe(exc)
     return None
 
 
@@ -140,11 +140,6 @@ def mirror(location: str, cache: Path) -> Path:
     return local
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
-
-
 # ---------------------------------------------------------------------------------------------
 # The study's database (a SQLAlchemy URL)
 
@@ -175,13 +170,13 @@ def check_study_storage(url: str, field: str = "study_storage") -> Problem | Non
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except Exception as exc:  # sqlalchemy.exc.ArgumentError / NoSuchModuleError
-        return Problem(field, redact(url), f"not a database URL ({_first_line(exc)})", example)
+        return Problem(field, redact(url), f"not a database URL ({describe(exc)})", example)
     try:
         dialect.import_dbapi()
     except ImportError as exc:
         name = parsed.drivername  # "postgresql" (its default driver) or "postgresql+asyncpg"
         package = DRIVERS.get(name) or (parsed.get_driver_name() if "+" in name else name)
-        why = f"its driver is not installed ({_first_line(exc)})"
+        why = f"its driver is not installed ({describe(exc)})"
         return Problem(field, redact(url), why, f"pip install {package}")
     return None
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from unfreeze_hpo import data, trialdir
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig
-from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer, build_optimizer
 from unfreeze_hpo.models import build, load_checkpoint
@@ -329,10 +329,10 @@ def _train_epoch(
                 raise _oom(exc, trial, monitor, epoch, state.step) from exc
             near_event = unfroze and state.step - event_step < cfg.signals.window_steps
             if retried or not near_event:
-                raise TrialFailed("runtime_error", _describe(exc), epoch, state.step) from exc
+                raise TrialFailed("runtime_error", describe(exc), epoch, state.step) from exc
             # Newly unfrozen parameters may be non-contiguous views; one retry after fixing that.
             log(
-                f"warning: {_describe(exc)} right after an unfreeze; retrying the step once "
+                f"warning: {describe(exc)} right after an unfreeze; retrying the step once "
                 "with contiguous parameters"
             )
             retried = True
@@ -344,7 +344,7 @@ def _train_epoch(
                 if _out_of_memory(again):
                     raise _oom(again, trial, monitor, epoch, state.step) from again
                 raise TrialFailed(
-                    "runtime_error", f"{_describe(again)} (also after the retry)", epoch, state.step
+                    "runtime_error", f"{describe(again)} (also after the retry)", epoch, state.step
                 ) from again
         finally:
             if trial.faults:
@@ -502,12 +502,7 @@ def _oom(
 ) -> TrialFailed:
     # The stage is the number of unfreeze events so far: what grew the memory.
     grown = f"stage {len(monitor.events)}, {len(trial.freezer.status().unfrozen)} blocks"
-    return TrialFailed("oom", f"{_describe(exc)} ({grown})", epoch, step)
-
-
-def _describe(exc: BaseException) -> str:
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
-    return f"{type(exc).__name__}: {message}"
+    return TrialFailed("oom", f"{describe(exc)} ({grown})", epoch, step)
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -598,7 +593,7 @@ def _load_checkpoint(out: Path, device: torch.device, log: Log) -> tuple[Path, d
         except pickle.UnpicklingError as exc:
             refused = re.search(r"GLOBAL (\S+)", str(exc))  # else the bytes are just damaged
             if refused is None:
-                log(f"warning: {path} is unreadable ({_describe(exc)}); trying the one before")
+                log(f"warning: {path} is unreadable ({describe(exc)}); trying the one before")
                 continue
             raise ConfigError(
                 Problem(
@@ -610,7 +605,7 @@ def _load_checkpoint(out: Path, device: torch.device, log: Log) -> tuple[Path, d
                 )
             ) from exc
         except Exception as exc:  # truncated, corrupt zip, bad header: any unreadable file
-            log(f"warning: {path} is unreadable ({_describe(exc)}); trying the one before")
+            log(f"warning: {path} is unreadable ({describe(exc)}); trying the one before")
     raise ConfigError(
         Problem(
             "--resume",

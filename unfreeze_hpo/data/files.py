@@ -27,7 +27,7 @@ from unfreeze_hpo.data.spec import (
     Datasets,
     Item,
 )
-from unfreeze_hpo.errors import Problem
+from unfreeze_hpo.errors import Problem, describe
 
 # ---------------------------------------------------------------------------------------------
 # Config checks
@@ -244,14 +244,9 @@ def _read_image(path: str) -> Any:
     except Exception as exc:  # PIL raises several types for truncated or foreign files
         raise DataError(
             Problem(
-                "data.root", path, f"cannot read image ({_reason(exc)})", "re-save or remove it"
+                "data.root", path, f"cannot read image ({describe(exc)})", "re-save or remove it"
             )
         ) from exc
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +298,7 @@ class VideoDataset(Dataset[Item]):
                 video.close()
         except Exception as exc:  # PyAV and pytorchvideo raise many types for a bad file
             raise DataError(
-                Problem("data.root", str(path), f"cannot decode video ({_reason(exc)})", fix)
+                Problem("data.root", str(path), f"cannot decode video ({describe(exc)})", fix)
             ) from exc
         if clip is None:
             raise DataError(
