@@ -205,7 +205,8 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
 
     study = optuna.load_study(study_name="spans", storage=url)
     assert study.metric_names == ["best_val_acc"]
-    here, before = sorted(study.get_trials(), key=lambda t: t.user_attrs["ray_trial_id"])[::-1]
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
+    here, before = by_id["here"], by_id["before"]
     assert here.datetime_start is not None and before.datetime_start is not None
     assert abs(here.datetime_start.timestamp() - (now - 30)) < 1e-3
     assert now <= here.datetime_complete.timestamp() <= ended
