@@ -71,7 +71,8 @@ def main() -> int:
     for seed in range(args.seeds):  # arms interleaved within each seed
         for name, arm in ARMS.items():
             with tempfile.TemporaryDirectory() as out:
-                summary = train.run(config(arm, seed, args.epochs, out), log=lambda _: None)
+                cfg = config(arm, seed, args.epochs, out)
+                summary = train.run(cfg, log=lambda _: None, weights=embedded.weights_for(cfg))
             scores[name].append(summary.best_val_acc)
             print(f"seed {seed} {name:42s} best val acc {summary.best_val_acc:.3f}", flush=True)
     print(f"\n{args.seeds} seeds x {args.epochs} epochs, {time.perf_counter() - started:.0f}s")

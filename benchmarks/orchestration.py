@@ -2,10 +2,11 @@
 and over plain Optuna, when the trials themselves do (almost) nothing? N trials that each sleep
 s seconds per epoch for M epochs run through three arms, with the same concurrency:
 
-- unfreeze-hpo: ``unfreeze_hpo.search.run_search`` itself (OptunaSearch over a define-by-run space,
-  the spike-aware scheduler around ASHA, the StudyRecorder writing the SQLite study, the
-  ProgressPrinter, a Ray checkpoint every epoch), with the real trainable ``run_trial``; only its
-  ``train.run`` is swapped, inside each Ray worker, for a sleep that writes a tiny checkpoint;
+- unfreeze-hpo: ``unfreeze_hpo.search.driver.run_search`` itself (OptunaSearch over a
+  define-by-run space, the spike-aware scheduler around ASHA, the StudyRecorder writing the SQLite
+  study, the ProgressPrinter, a Ray checkpoint every epoch), with the real trainable
+  ``run_trial``; only its ``train.run`` is swapped, inside each Ray worker, for a sleep that
+  writes a tiny checkpoint;
 - Ray Tune: a plain ``tune.Tuner`` whose function trainable sleeps and ``tune.report``s, the same
   OptunaSearch sampler over the same space, ASHA with the same grace period and reduction
   factor, reuse_actors, no callbacks, no checkpoints;
@@ -56,8 +57,11 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from unfreeze_hpo import search as search_module
-from unfreeze_hpo.config import SearchConfig
+from unfreeze_hpo.search import driver as search_module
+from unfreeze_hpo.search.options import SearchConfig
+from unfreeze_hpo.search.progress import ProgressPrinter
+from unfreeze_hpo.search.recorder import StudyRecorder
+from unfreeze_hpo.search.rules import AshaSettings
 
 CONCURRENCY = 2  # trials at once; Ray gets this many CPUs, one per trial
 REDUCTION_FACTOR = 2.0
@@ -91,7 +95,7 @@ def score(lr: float, freeze_epochs: int, blocks: int, ratio_: float, epoch: int)
 
 
 def sampler(n_trials: int, seed: int = 0) -> optuna.samplers.TPESampler:
-    """unfreeze-hpo's sampler settings (search._new_tuner), given to every arm."""
+    """unfreeze-hpo's sampler settings (search.driver._new_tuner), given to every arm."""
     return optuna.samplers.TPESampler(
         seed=seed, multivariate=True, constant_liar=True, n_startup_trials=min(8, n_trials)
     )
@@ -109,6 +113,7 @@ def _sleeping_train_run(
     resume: bool = False,
     log: Any = print,
     trial_id: str = "local",
+    weights: Any = None,
     seconds: float,
 ) -> None:
     """Stands in for ``unfreeze_hpo.train.run``: per epoch, sleep, then write a tiny checkpoint
@@ -155,7 +160,8 @@ def ours_trainable(seconds: float) -> Callable[..., None]:
     """unfreeze-hpo's ``run_trial`` with ``train.run`` swapped for the sleep, in the worker."""
 
     def run_trial(config: dict[str, Any], **kwargs: Any) -> None:
-        from unfreeze_hpo import train, trainable
+        from unfreeze_hpo import train
+        from unfreeze_hpo.search import trainable
 
         train.run = functools.partial(_sleeping_train_run, seconds=seconds)
         trainable.run_trial(config, **kwargs)
@@ -238,8 +244,8 @@ def run_ours(folder: Path, n: int, epochs: int, seconds: float) -> Run:
         cpus_per_trial=1.0,
         metric=METRIC,
         mode=MODE,
-        grace_period=epochs,  # nothing stopped before its last epoch
-        reduction_factor=REDUCTION_FACTOR,
+        # Nothing stopped before its last epoch.
+        asha=AshaSettings(grace_period=epochs, reduction_factor=REDUCTION_FACTOR),
         recipes=False,  # the other arms have no recipes either
         preflight=False,
     )
@@ -255,7 +261,7 @@ def run_ours(folder: Path, n: int, epochs: int, seconds: float) -> Run:
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(search_module, "run_trial", ours_trainable(seconds)))
         stack.enter_context(patched(search_module, "_new_tuner", new_tuner))
-        for owner in (search_module.StudyRecorder, search_module.ProgressPrinter):
+        for owner in (StudyRecorder, ProgressPrinter):
             for hook in hooks:
                 if hook in vars(owner):
                     stack.enter_context(timed(owner, hook, callbacks))

@@ -198,7 +198,7 @@ class RayDriver(Driver):
         from ray.tune.experiment import Trial
         from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
-        from unfreeze_hpo.pruning import SpikeAwareScheduler
+        from unfreeze_hpo.search.pruning import SpikeAwareScheduler
 
         self._trial_cls, self._stop = Trial, TrialScheduler.STOP
         self.scheduler = make()
@@ -258,34 +258,28 @@ class OptunaDriver(Driver):
 
 
 def search_rule(**overrides: Any) -> Any:
-    """The SpikeRule search.py builds from SearchConfig's defaults (fields overridable)."""
-    from unfreeze_hpo import config
-    from unfreeze_hpo.config import SearchConfig
-    from unfreeze_hpo.pruning import SpikeRule
+    """The SpikeRule the search driver uses by default (fields overridable): SearchConfig's, with
+    the base's window (each result's spike_window_steps wins)."""
+    import dataclasses
 
-    cfg = SearchConfig()
-    values = {
-        "max_loss_ratio": cfg.prune_loss_ratio,
-        "max_grad_ratio": cfg.prune_grad_ratio,
-        "max_nonfinite": cfg.prune_nonfinite,
-        "require_recovery": cfg.prune_unrecovered,
-        # the base's window, as search.py passes it (each result's spike_window_steps wins)
-        "window_steps": config.load(ROOT / "examples" / "embedded.yaml").signals.window_steps,
-    }
-    return SpikeRule(**{**values, **overrides})
+    from unfreeze_hpo import config
+    from unfreeze_hpo.search.options import SearchConfig
+
+    window = config.load(ROOT / "examples" / "embedded.yaml").signals.window_steps
+    return dataclasses.replace(SearchConfig().pruning, window_steps=window, **overrides)
 
 
 def asha_settings(epochs: int) -> dict[str, Any]:
-    from unfreeze_hpo.config import SearchConfig
+    from unfreeze_hpo.search.options import SearchConfig
 
     cfg = SearchConfig()
-    grace = min(cfg.grace_period, epochs)
-    return {"max_t": epochs, "grace_period": grace, "reduction_factor": cfg.reduction_factor}
+    grace = min(cfg.asha.grace_period, epochs)
+    return {"max_t": epochs, "grace_period": grace, "reduction_factor": cfg.asha.reduction_factor}
 
 
 def spike_driver(kind: str, rule: Any, epochs: int) -> Callable[[], Driver]:
     """The search's scheduler (make_scheduler) over ASHA or FIFO with ``rule``."""
-    from unfreeze_hpo.pruning import make_scheduler
+    from unfreeze_hpo.search.pruning import make_scheduler
 
     asha = asha_settings(epochs)
     return lambda: RayDriver(lambda: make_scheduler(kind, rule, metric=METRIC, mode=MODE, **asha))
@@ -474,7 +468,7 @@ def verdict(results: Mapping[str, Mapping[str, Any]]) -> tuple[bool, str]:
 def spike_stop(curve: Curve, rule: Any) -> tuple[int, str] | None:
     """(epoch, reason) of the first result the spike rule stops ``curve`` at, or None. The rule
     is a pure function of each result, so this holds whatever the order or the base scheduler."""
-    from unfreeze_hpo.pruning import spike_verdict
+    from unfreeze_hpo.search.rules import spike_verdict
 
     for result in curve.results:
         reason = spike_verdict(result, rule)
@@ -560,9 +554,9 @@ def sensitivity(
 
 def section(title: str, curves: Sequence[Curve], args: Any, epochs: int) -> dict[str, Any]:
     """Replay ``curves`` through every pruner; print the summary, table and verdict."""
-    from unfreeze_hpo.config import SearchConfig
+    from unfreeze_hpo.search.options import SearchConfig
 
-    threshold = SearchConfig().prune_loss_ratio
+    threshold = SearchConfig().pruning.max_loss_ratio
     bad = {i for i, c in enumerate(curves) if unstable(c, threshold)}
     top = top_trials(curves, args.top)
     quality = max((c.final for c in curves if c.status == "completed"), default=math.nan)
@@ -653,7 +647,7 @@ def main() -> int:
     elif args.limit:
         curves = curves[: args.limit]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("unfreeze_hpo.pruning").setLevel(logging.WARNING)
+    logging.getLogger("unfreeze_hpo.search.pruning").setLevel(logging.WARNING)
     epochs = int(header["settings"]["epochs"])
     print(f"{args.curves} (recorded {header.get('date')}, {header.get('machine')})\n")
     figures = section("every recorded curve", curves, args, epochs)

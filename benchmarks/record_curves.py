@@ -136,7 +136,7 @@ def sample(
     Cohorts: "space" (sampled) and "aggressive" (the space's hot corner), then ``stress`` trials
     past the space's bounds, then ``diverge`` trials; each cohort draws from its own seeded
     generator and comes after the others, so adding one keeps the trials already planned."""
-    from unfreeze_hpo.space import load_space
+    from unfreeze_hpo.search.space import load_space
 
     space = load_space(SPACE)
     rng = random.Random(seed)
@@ -171,8 +171,8 @@ def run_one(
     import torch
 
     from unfreeze_hpo import config as config_module
-    from unfreeze_hpo import train
-    from unfreeze_hpo.space import load_space
+    from unfreeze_hpo import embedded, train
+    from unfreeze_hpo.search.space import load_space
 
     torch.set_num_threads(threads)
     base = config_module.load(BASE)
@@ -196,7 +196,7 @@ def run_one(
     with tempfile.TemporaryDirectory() as out:
         cfg = load_space(SPACE).trial_config(base, params).replace(output_dir=out)
         try:
-            train.run(cfg, on_epoch, log=lambda _: None)
+            train.run(cfg, on_epoch, log=lambda _: None, weights=embedded.weights_for(cfg))
         except train.TrialFailed as exc:
             failure = {
                 "reason": exc.reason,

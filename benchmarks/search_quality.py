@@ -31,9 +31,12 @@ import yaml
 from common import parser, report, table
 
 from unfreeze_hpo import config as config_module
-from unfreeze_hpo import export, results, strategies, train
-from unfreeze_hpo.config import SearchConfig, TrialConfig
-from unfreeze_hpo.search import run_search
+from unfreeze_hpo import results, strategies, train
+from unfreeze_hpo.config import TrialConfig
+from unfreeze_hpo.results import export
+from unfreeze_hpo.search.driver import run_search
+from unfreeze_hpo.search.options import SearchConfig
+from unfreeze_hpo.search.rules import AshaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "examples" / "embedded.yaml"
@@ -76,7 +79,7 @@ def searched_config(
         num_trials=budget,
         max_concurrent=concurrency,
         cpus_per_trial=2 / concurrency,
-        grace_period=min(4, epochs),
+        asha=AshaSettings(grace_period=min(4, epochs)),
         preflight=False,
         seed=0,
     )

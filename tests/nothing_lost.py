@@ -24,6 +24,7 @@ import optuna
 import torch
 
 from unfreeze_hpo import faults, results
+from unfreeze_hpo.results import listing
 from unfreeze_hpo.trialdir import CHECKPOINT
 
 State = optuna.trial.TrialState
@@ -91,7 +92,7 @@ def _winner_problems(search: results.Search, trials: list[optuna.trial.FrozenTri
         return []
     sign = 1 if search.mode == "max" else -1
     best = max(complete, key=lambda t: (sign * float(t.value or 0.0), -t.number))
-    winner = int(results.best_trials(search, top=1)["number"].iloc[0])
+    winner = int(listing.best_trials(search, top=1)["number"].iloc[0])
     if winner != best.number:
         return [f"the exported winner is trial #{winner}, the best complete is #{best.number}"]
     return []

@@ -27,7 +27,7 @@ from support import TINY_BASE, run, write
 from unfreeze_hpo import config, strategies, train, yamlfile
 from unfreeze_hpo.config import METRICS, TrialConfig
 from unfreeze_hpo.errors import ConfigError
-from unfreeze_hpo.space import SearchSpace, load_space, space_from_dict
+from unfreeze_hpo.search.space import SearchSpace, load_space, space_from_dict
 from unfreeze_hpo.yamlfile import MAX_YAML_BYTES
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_unknown_keys_suggest_the_close_one(capsys: pytest.CaptureFixture[str], 
         (
             "model: {name: 'keras:resnet18'}\n",
             "model.name",
-            ("unknown model family 'keras'", "use one of timm:, pytorchvideo:"),
+            ("unknown model family 'keras'", "timm:<name> (e.g. timm:resnet18)"),
         ),
     ],
 )

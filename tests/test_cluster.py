@@ -10,11 +10,13 @@ end every Ray on the machine).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -25,16 +27,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import optuna
 import pytest
 from support import TINY_BASE, reap_session
 
-from unfreeze_hpo import jobs
-from unfreeze_hpo.cli import main
-from unfreeze_hpo.config import SearchConfig
+from unfreeze_hpo.cli import main, searching
+from unfreeze_hpo.cluster import jobs
 from unfreeze_hpo.errors import ConfigError
-from unfreeze_hpo.search import check_resources
+from unfreeze_hpo.search.driver import check_resources
+from unfreeze_hpo.search.options import SearchConfig
 
 RAY = Path(sys.executable).parent / "ray"
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,8 +328,7 @@ def test_submit_refuses_paths_that_only_exist_here(
 def test_submit_refuses_what_search_refuses_in_the_space(tmp_path: Path) -> None:
     """The same checks as ``search``: a space naming more blocks than the model has, and a space
     other than the one the search being resumed started with."""
-    from unfreeze_hpo.results import write_inputs
-    from unfreeze_hpo.search import load_inputs
+    from unfreeze_hpo.search.inputs import load_inputs, write_inputs
 
     (tmp_path / "base.yaml").write_text(TINY_BASE)  # resnet3d_tiny: 5 blocks
     (tmp_path / "space.yaml").write_text(SPACE)
@@ -352,6 +354,16 @@ def test_submit_refuses_what_search_refuses_in_the_space(tmp_path: Path) -> None
     ]
 
 
+def search_values_of(argv: list[str]) -> dict[str, Any]:
+    """The options ``unfreeze-hpo search argv`` gives, as the command reads them (--address
+    left out: a job's is the cluster's own)."""
+    parser = argparse.ArgumentParser()
+    searching.search_args(parser)
+    values = searching.given_search_values(parser.parse_args(argv))
+    assert values.pop("address") == "auto"
+    return values
+
+
 def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text(TINY_BASE)
     values = {
@@ -361,13 +373,20 @@ def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
         "gpus_per_trial": "0.5",
         "preflight": False,
         "study_storage": "sqlite:////nfs/runs/x.db",
+        "asha": {"grace_period": "2"},
+        "pruning": {"require_recovery": False, "max_val_drop": "0.1"},
+        "log_to": "mlflow",
     }
     submission = jobs.prepare(values, tmp_path)
+    # In SearchConfig's order, nested settings by the flags `search` takes (search_options).
     assert submission.entrypoint == (
         "python -m unfreeze_hpo.cli search --name x --storage-path /nfs/runs --base base.yaml "
-        "--gpus-per-trial 0.5 --no-preflight --study-storage sqlite:////nfs/runs/x.db "
-        "--address auto"
+        "--gpus-per-trial 0.5 --grace-period 2 --no-prune-unrecovered --max-val-drop 0.1 "
+        "--study-storage sqlite:////nfs/runs/x.db --no-preflight --log-to mlflow --address auto"
     )
+    # What the job runs is what was given: its arguments parse back to the same options.
+    argv = shlex.split(submission.entrypoint)[4:]
+    assert jobs.prepare(search_values_of(argv), tmp_path).entrypoint == submission.entrypoint
 
 
 @pytest.mark.parametrize(

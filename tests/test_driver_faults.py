@@ -22,7 +22,7 @@ from nothing_lost import assert_nothing_lost
 from support import SHORT_BASE, SHORT_SPACE, count_recorded, reap_session, write
 
 from unfreeze_hpo import faults
-from unfreeze_hpo.config import STUDY_FILE
+from unfreeze_hpo.search.options import STUDY_FILE
 
 TRIALS = 4
 

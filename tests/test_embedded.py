@@ -92,7 +92,7 @@ def test_fine_tuning_starts_from_the_source_backbone_with_a_fresh_classifier(
     cfg = cfg_at(tmp_path)
     source = torch.load(embedded.source_checkpoint(cfg, log=lambda _: None), weights_only=True)
     torch.manual_seed(123)
-    trial = train.setup(cfg, log=lambda _: None)
+    trial = train.setup(cfg, log=lambda _: None, weights=embedded.weights_for(cfg))
     state = trial.model.state_dict()
     assert torch.equal(state["blocks.0.conv.weight"], source["blocks.0.conv.weight"])
     assert not torch.equal(state["blocks.5.proj.weight"], source["blocks.5.proj.weight"])

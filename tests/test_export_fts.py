@@ -15,12 +15,16 @@ import pytest
 import torch
 import yaml
 
-from unfreeze_hpo import config, export, results, yamlfile
+from unfreeze_hpo import config, results, yamlfile
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.cli import main
-from unfreeze_hpo.config import SearchConfig, TrialConfig
+from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.models import ModelSpec, build
-from unfreeze_hpo.space import space_from_dict
+from unfreeze_hpo.results import export
+from unfreeze_hpo.results import fts as fts_schedule
+from unfreeze_hpo.search import inputs
+from unfreeze_hpo.search.options import SearchConfig
+from unfreeze_hpo.search.space import space_from_dict
 
 State = optuna.trial.TrialState
 
@@ -119,7 +123,7 @@ MAPPINGS = {
 def test_phases_follow_the_strategys_unfreeze_events(blocks: Blocks, case: str) -> None:
     strategy, expected = MAPPINGS[case]
     cfg = trial(strategy, backbone_lr_mult=0.1)
-    phases = export.fts_phases(cfg, blocks)
+    phases = fts_schedule.fts_phases(cfg, blocks)
     got = [(p.epoch, list(p.blocks), p.max_transition_epoch, p.lr) for p in phases]
     assert got == [(e, b, m, pytest.approx(lr) if lr else lr) for e, b, m, lr in expected]
     for phase in phases:
@@ -132,28 +136,32 @@ def test_phases_follow_the_strategys_unfreeze_events(blocks: Blocks, case: str) 
 
 def test_a_phase_of_blocks_with_different_lrs_takes_the_deepests(blocks: Blocks) -> None:
     strategy = MAPPINGS["early_gradual"][0]
-    phase = export.fts_phases(trial(strategy, backbone_lr_mult=0.1), blocks)[1]
+    phase = fts_schedule.fts_phases(trial(strategy, backbone_lr_mult=0.1), blocks)[1]
     assert phase.block_lrs == pytest.approx((0.003, 0.0015))  # B4 (nearest the head), B3
     assert phase.lr == phase.block_lrs[0]
-    no_decay = export.fts_phases(trial(strategy, backbone_lr_mult=0.1, layer_decay=1.0), blocks)
+    no_decay = fts_schedule.fts_phases(
+        trial(strategy, backbone_lr_mult=0.1, layer_decay=1.0), blocks
+    )
     assert no_decay[1].block_lrs == pytest.approx((0.003, 0.003))
 
 
 def test_adaptive_takes_the_recorded_events_others_their_plan(blocks: Blocks) -> None:
     adaptive = trial({"name": "adaptive", "patience": 2})
     recorded = [{"epoch": 2, "n_trainable": 1}, {"epoch": 4, "n_trainable": 2}]
-    phases = export.fts_phases(adaptive, blocks, recorded, prefix="")
+    phases = fts_schedule.fts_phases(adaptive, blocks, recorded, prefix="")
     assert [(p.epoch, p.blocks, p.max_transition_epoch) for p in phases] == [
         (0, (HEAD,), 2),
         (2, (B4,), 4),
         (4, (B3,), 5),
     ]
     assert phases[1].params == names(blocks, [B4], prefix="")
-    assert [p.blocks for p in export.fts_phases(adaptive, blocks)] == [(HEAD,)]  # no plateau
+    assert [p.blocks for p in fts_schedule.fts_phases(adaptive, blocks)] == [(HEAD,)]  # no plateau
     # A deterministic strategy is its plan: a recorded timeline (e.g. of a pruned trial) is not
     # what `train --config` replays, so it is not what the FTS schedule follows either.
     gradual = trial(MAPPINGS["early_gradual"][0])
-    assert export.fts_phases(gradual, blocks, recorded) == export.fts_phases(gradual, blocks)
+    assert fts_schedule.fts_phases(gradual, blocks, recorded) == fts_schedule.fts_phases(
+        gradual, blocks
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +173,7 @@ def search_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = SearchConfig(name="fts", storage_path=str(tmp_path_factory.mktemp("runs")))
     base = config.from_dict(yamlfile.parse_yaml(TINY_BASE)[0])
     space = space_from_dict(SPACE)
-    results.write_inputs(cfg, base, space)
+    inputs.write_inputs(cfg, base, space)
     study = optuna.create_study(storage=cfg.study_url, study_name=cfg.name, direction="maximize")
     gradual = {"strategy": "early_gradual", "early_gradual.target_ratio": 1.0}
     gradual_events = [(1, 2), (2, 4), (3, 5)]
@@ -283,7 +291,7 @@ def test_finetuning_scheduler_runs_the_schedule_as_the_trial_unfroze(
     assert code == 0, err
     search = results.open_search(search_folder)
     cfg = export.trial_config(search, 0)
-    phases = export.fts_phases(cfg, blocks)
+    phases = fts_schedule.fts_phases(cfg, blocks)
 
     torch.manual_seed(0)
     module = _wrapper(

@@ -27,10 +27,12 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from support import SHORT_BASE, SHORT_SPACE, cpu_fp16_autocast, write
 
-from unfreeze_hpo import faults, search
+from unfreeze_hpo import faults
 from unfreeze_hpo.cli import main
-from unfreeze_hpo.config import STUDY_FILE, SearchConfig
-from unfreeze_hpo.search import run_search
+from unfreeze_hpo.search import recorder
+from unfreeze_hpo.search.driver import run_search
+from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search.rules import SpikeRule
 
 State = optuna.trial.TrialState
 LOG = "faults.jsonl"
@@ -58,7 +60,7 @@ def search_cfg(
         scheduler="fifo",
         preflight=False,
         recipes=False,
-        prune_nonfinite=1000,  # these tests watch the trial's own handling, not the pruner
+        pruning=SpikeRule(max_nonfinite=1000),  # these tests watch the trial's own handling
         **changes,
     )
 
@@ -268,17 +270,17 @@ class WriteFailures:
 
 def write_failures(monkeypatch: pytest.MonkeyPatch) -> WriteFailures:
     failures = WriteFailures()
-    record = search.StudyRecorder._record
+    record = recorder.StudyRecorder._record
 
-    def recording(self: search.StudyRecorder, trial: Any, *args: Any) -> None:
+    def recording(self: recorder.StudyRecorder, trial: Any, *args: Any) -> None:
         try:
             record(self, trial, *args)
-        except search.DATABASE_ERRORS:
+        except recorder.DATABASE_ERRORS:
             failures.trial_ids.append(trial.trial_id)
             failures.first.set()
             raise
 
-    monkeypatch.setattr(search.StudyRecorder, "_record", recording)
+    monkeypatch.setattr(recorder.StudyRecorder, "_record", recording)
     return failures
 
 
@@ -302,11 +304,11 @@ def test_a_study_locked_for_a_while_loses_no_trial(
 def test_a_study_down_at_the_end_stops_and_the_rerun_records_every_trial(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(search, "RECORD_RETRY_S", 3.0)
-    monkeypatch.setattr(search, "_QUICK_S", 0.5)
+    monkeypatch.setattr(recorder, "RECORD_RETRY_S", 3.0)
+    monkeypatch.setattr(recorder, "_QUICK_S", 0.5)
     with (
         locked_study(tmp_path, until=None) as lock,
-        pytest.raises(search.StudyUnavailable) as caught,
+        pytest.raises(recorder.StudyUnavailable) as caught,
     ):
         fault_search(tmp_path, hold(tmp_path), trials=2)
     assert lock.taken.is_set()
@@ -380,7 +382,7 @@ def test_a_process_killed_while_writing_leaves_the_previous_file_as_it_was(
     script = f"""
 import os, signal
 from pathlib import Path
-from unfreeze_hpo.results import write_atomic
+from unfreeze_hpo.yamlfile import write_atomic
 
 def half_then_die(f):
     f.write("epochs: 1")

@@ -34,8 +34,8 @@ from test_nodes import (
 )
 
 from unfreeze_hpo import faults
-from unfreeze_hpo.config import SearchConfig
-from unfreeze_hpo.search import run_search
+from unfreeze_hpo.search.driver import run_search
+from unfreeze_hpo.search.options import SearchConfig
 
 RecordProperty = Callable[[str, object], None]
 STATE_FILES = (  # the snapshot a restore reads: Tune's, the searcher's, the pruner's

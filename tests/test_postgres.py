@@ -29,7 +29,7 @@ import sqlalchemy
 import yaml
 from support import TINY_BASE, run, write
 
-from unfreeze_hpo.config import STUDY_FILE
+from unfreeze_hpo.search.options import STUDY_FILE
 
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}

@@ -73,8 +73,8 @@ def on_setup(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Trial], Non
     callbacks: list[Callable[[Trial], None]] = []
     original = preflight_module.setup
 
-    def setup(cfg: TrialConfig, log: Log = print) -> Trial:
-        trial = original(cfg, log)
+    def setup(cfg: TrialConfig, log: Log = print, **kwargs: Any) -> Trial:
+        trial = original(cfg, log, **kwargs)
         for callback in callbacks:
             callback(trial)
         return trial

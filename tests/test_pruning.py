@@ -11,15 +11,13 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from unfreeze_hpo.errors import ConfigError
-from unfreeze_hpo.pruning import (
+from unfreeze_hpo.search.pruning import (
     REASONS_FILE,
     SpikeAwareScheduler,
-    SpikeRule,
     make_scheduler,
     read_reasons,
-    spike_rule_from_dict,
-    spike_verdict,
 )
+from unfreeze_hpo.search.rules import SpikeRule, spike_rule_from_dict, spike_verdict
 from unfreeze_hpo.signals import NEUTRAL_METRICS, SpikeMonitor
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP

@@ -21,16 +21,16 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from support import free_port, http_get, process_stats, server
 
-from unfreeze_hpo.config import STUDY_FILE
-from unfreeze_hpo.dashboard import dashboard_command, run_dashboard
 from unfreeze_hpo.errors import UnfreezeHPOError, UserError
-from unfreeze_hpo.report import (
+from unfreeze_hpo.results.dashboard import dashboard_command, run_dashboard
+from unfreeze_hpo.results.report import (
     TrialRecord,
     build_report,
     objective_name,
     open_study,
     read_trials,
 )
+from unfreeze_hpo.search.options import STUDY_FILE
 
 PNGS = ("history", "importances", "curves", "spikes", "ratios")
 PRUNE_REASON = "loss x4.20 over baseline after unfreezing block 3 at epoch 2"

@@ -20,10 +20,14 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from support import SPIKY_SPACE, TINY_BASE, run, write
 
-from unfreeze_hpo import config, export, results, train, yamlfile
-from unfreeze_hpo.config import STUDY_FILE, SearchConfig
-from unfreeze_hpo.search import load_inputs, run_search
-from unfreeze_hpo.space import load_space
+from unfreeze_hpo import config, results, train, yamlfile
+from unfreeze_hpo.results import export, listing
+from unfreeze_hpo.search import inputs
+from unfreeze_hpo.search.driver import run_search
+from unfreeze_hpo.search.inputs import load_inputs
+from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search.rules import SpikeRule
+from unfreeze_hpo.search.space import load_space
 
 State = optuna.trial.TrialState
 
@@ -45,7 +49,7 @@ def searched(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Sim
         max_concurrent=2,
         cpus_per_trial=1,
         scheduler="fifo",
-        prune_loss_ratio=1.3,
+        pruning=SpikeRule(max_loss_ratio=1.3),
         preflight=False,
     )
     run_search(cfg, log=lambda _: None)
@@ -98,7 +102,7 @@ def best_complete(searched: SimpleNamespace) -> optuna.trial.FrozenTrial:
 def test_open_search_reads_back_what_the_search_ran_with(
     searched: SimpleNamespace, search: results.Search
 ) -> None:
-    assert (searched.folder / results.SEARCH_FILE).is_file()
+    assert (searched.folder / inputs.SEARCH_FILE).is_file()
     assert search.name == "tiny"
     assert (search.metric, search.mode) == ("best_val_acc", "max")
     assert search.base == config.from_dict(yamlfile.parse_yaml(TINY_BASE)[0])
@@ -128,7 +132,7 @@ def test_unknown_folder_and_non_searches_are_user_errors(
 
     started = tmp_path / "started"  # a folder with the record but no study yet
     started.mkdir()
-    shutil.copy(searched.folder / results.SEARCH_FILE, started)
+    shutil.copy(searched.folder / inputs.SEARCH_FILE, started)
     code, _, err = run(capsys, "trials", str(started))
     assert code == 2 and "no study yet" in err
     assert not (started / STUDY_FILE).exists(), "a reader must not create the study"
@@ -142,7 +146,7 @@ def test_trials_table_has_one_row_per_trial_with_state_params_metrics_and_reason
     searched: SimpleNamespace, search: results.Search
 ) -> None:
     trials = trials_of(searched)
-    table = results.trials_table(search)
+    table = listing.trials_table(search)
     assert list(table["number"]) == [t.number for t in trials]
     assert {"number", "state", "strategy", *HYPERPARAMETERS, "value", "final", "reason"} <= set(
         table.columns
@@ -180,7 +184,7 @@ def test_trials_of_ray_not_yet_in_the_study_are_running(
 ) -> None:
     copy = tmp_path / "copy"
     copy.mkdir()
-    for name in (results.SEARCH_FILE, STUDY_FILE):
+    for name in (inputs.SEARCH_FILE, STUDY_FILE):
         shutil.copy(searched.folder / name, copy)
     trial_dir = copy / "ray" / "run_trial_0badf00d_9_strategy=fixed_2026-01-01_00-00-00"
     trial_dir.mkdir(parents=True)
@@ -193,7 +197,7 @@ def test_trials_of_ray_not_yet_in_the_study_are_running(
     lines = [json.dumps(r) for r in reports]
     write(trial_dir / "result.json", "\n".join(lines) + '\n{"trial_id": "0badf')  # mid-write
 
-    table = results.trials_table(results.open_search(copy))
+    table = listing.trials_table(results.open_search(copy))
     assert len(table) == len(trials_of(searched)) + 1
     (row,) = table[table["state"] == "running"].to_dict(orient="records")
     assert pd.isna(row["number"])
@@ -274,15 +278,15 @@ def test_trials_command_reports_every_bad_option_at_once(
 def test_best_trials_against_the_study(searched: SimpleNamespace, search: results.Search) -> None:
     trials = trials_of(searched)
     complete = [t for t in trials if t.state == State.COMPLETE]
-    (best,) = results.best_trials(search).to_dict(orient="records")
+    (best,) = listing.best_trials(search).to_dict(orient="records")
     assert best["value"] == searched.study.best_trial.value == best_complete(searched).value
     assert best["number"] == best_complete(searched).number
 
-    top = results.best_trials(search, top=10)
+    top = listing.best_trials(search, top=10)
     assert len(top) == len(complete)
     assert list(top["value"]) == sorted((t.value for t in complete), reverse=True)
 
-    grouped = results.best_trials(search, top=1, by_strategy=True)
+    grouped = listing.best_trials(search, top=1, by_strategy=True)
     winners = {}
     for t in sorted(complete, key=lambda t: (-t.value, t.number)):
         winners.setdefault(t.params["strategy"], t.number)
@@ -305,7 +309,7 @@ def test_a_search_without_completed_trials_has_no_best_and_no_export(
     tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = SearchConfig(name="allfailed", storage_path=str(tmp_path), space=searched.cfg.space)
-    results.write_inputs(cfg, *load_inputs(searched.cfg))
+    inputs.write_inputs(cfg, *load_inputs(searched.cfg))
     study = optuna.create_study(storage=cfg.study_url, study_name=cfg.name, direction="maximize")
     add_failed_trial(study, load_space(searched.space_file).distributions())
     out_file = tmp_path / "schedule.yaml"
@@ -413,7 +417,7 @@ def test_the_yaml_writer_quotes_strings_the_project_reader_would_take_for_number
     tmp_path: Path,
 ) -> None:
     values = {"a": "1e3", "b": "010", "c": "yes", "d": 1e-5, "e": math.inf, "f": [[0, 0], [2, 5]]}
-    path = results.write_yaml(tmp_path / "v.yaml", values, "# header\n")
+    path = yamlfile.write_yaml(tmp_path / "v.yaml", values, "# header\n")
     assert yamlfile.parse_yaml(path.read_text())[0] == values
 
 
@@ -452,3 +456,28 @@ def test_the_nothing_lost_check_accounts_for_every_injected_fault(
         log = write(tmp_path / "faults.jsonl", "".join(json.dumps(e) + "\n" for e in fired))
         with pytest.raises(AssertionError, match=re.escape(expected)):
             assert_nothing_lost(searched.folder, 6, faults_log=log)
+
+
+def test_a_search_recorded_before_its_settings_were_nested_opens_with_them(
+    searched: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(searched.folder / STUDY_FILE, old)
+    record = yaml.safe_load((searched.folder / inputs.SEARCH_FILE).read_text())
+    options = record["search"]
+    pruning, asha = options.pop("pruning"), options.pop("asha")
+    # How a search.yaml of an earlier version names them: flat, under other names.
+    options |= {
+        "prune_loss_ratio": pruning["max_loss_ratio"],
+        "prune_unrecovered": pruning["require_recovery"],
+        "grace_period": asha["grace_period"] + 1,
+        "reduction_factor": asha["reduction_factor"],
+    }
+    (old / inputs.SEARCH_FILE).write_text(yaml.safe_dump(record))
+    cfg, _, _ = results._read_record(old / inputs.SEARCH_FILE)
+    assert cfg.pruning.max_loss_ratio == searched.cfg.pruning.max_loss_ratio == 1.3
+    assert cfg.asha.grace_period == searched.cfg.asha.grace_period + 1
+    code, out, err = run(capsys, "trials", str(old), "--format", "json")
+    assert code == 0, err
+    assert len(json.loads(out)) == len(searched.study.get_trials())

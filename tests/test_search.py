@@ -41,9 +41,11 @@ from support import (
 )
 
 from unfreeze_hpo.cli import main
-from unfreeze_hpo.config import STUDY_FILE, SearchConfig
-from unfreeze_hpo.search import PreflightFailed, StudyRecorder, checkpointed_history, run_search
-from unfreeze_hpo.space import load_space
+from unfreeze_hpo.search.driver import PreflightFailed, run_search
+from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig
+from unfreeze_hpo.search.recorder import StudyRecorder, checkpointed_history
+from unfreeze_hpo.search.rules import SpikeRule
+from unfreeze_hpo.search.space import load_space
 
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
@@ -424,10 +426,53 @@ def spiky_search(ray_session: None, tmp_path_factory: pytest.TempPathFactory) ->
     base = write(folder / "base.yaml", TINY_BASE)
     space = write(folder / "spiky.yaml", SPIKY_SPACE)
     cfg = search_config(
-        folder, "spiky", base, space, num_trials=6, prune_loss_ratio=PRUNE_LOSS_RATIO
+        folder,
+        "spiky",
+        base,
+        space,
+        num_trials=6,
+        pruning=SpikeRule(max_loss_ratio=PRUNE_LOSS_RATIO),
+        log_to="tensorboard,mlflow",
     )
     outcome = run_search(cfg, log=lambda _: None)
     return SimpleNamespace(cfg=cfg, outcome=outcome, space=load_space(space))
+
+
+def test_trackers_show_every_trial_with_its_config_epochs_and_unfreeze_events(
+    spiky_search: SimpleNamespace, diverge_search: SimpleNamespace
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = spiky_search.cfg
+    trials = recorded(cfg)
+    client = MlflowClient(f"sqlite:///{cfg.folder / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(cfg.name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == len(trials)
+    for trial in trials:
+        ray_id = trial.user_attrs["ray_trial_id"]
+        [run] = [r for r in runs if r.info.run_name.endswith(ray_id)]
+        assert run.data.params == {k: str(v) for k, v in trial.user_attrs["config"].items()}
+        # Tune's step is the epoch count: epoch e is step e + 1.
+        epochs = client.get_metric_history(run.info.run_id, "epoch")
+        assert sorted((m.step, m.value) for m in epochs) == [
+            (e + 1, float(e)) for e in range(len(trial.intermediate_values))
+        ]
+        blocks = sorted(
+            (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "unfrozen_blocks")
+        )
+        before = [0.0, *(v for _, v in blocks)]  # none trainable before the first epoch
+        grew = [(s - 1, int(v)) for (s, v), b in zip(blocks, before, strict=False) if v > b]
+        assert grew == [(e["epoch"], e["n_trainable"]) for e in trial.user_attrs["timeline"]]
+        [folder] = (cfg.folder / "ray").glob(f"*{ray_id}*")
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert len(events.Scalars("ray/tune/val_acc")) == len(trial.intermediate_values)
+    # A search that names no tracker writes none: Ray's default TensorBoard logger stays off.
+    assert not list(diverge_search.cfg.folder.glob("ray/*/events.out.tfevents*"))
+    assert not (diverge_search.cfg.folder / "mlflow").exists()
 
 
 def test_aggressive_schedules_are_pruned_for_spikes_gentle_ones_complete(

@@ -13,7 +13,7 @@ import pytest
 from unfreeze_hpo import strategies
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
-from unfreeze_hpo.space import (
+from unfreeze_hpo.search.space import (
     SPACES_DIR,
     SearchSpace,
     default_space,

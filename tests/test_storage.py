@@ -17,7 +17,7 @@ from support import TINY_BASE, run
 
 from unfreeze_hpo import storage
 from unfreeze_hpo.cli import main
-from unfreeze_hpo.results import SEARCH_FILE
+from unfreeze_hpo.search.inputs import SEARCH_FILE
 
 BUCKET = "runs"
 CREDENTIALS = {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from unfreeze_hpo import results, tables
 from unfreeze_hpo.errors import ConfigError
+from unfreeze_hpo.results import listing, tables
 
 REASON = (
     "loss x4.20 over baseline after unfreezing block 3 at epoch 2 " + "(window of 20 steps) " * 3
@@ -14,7 +14,7 @@ REASON = (
 
 
 def table(rows: int = 4) -> pd.DataFrame:
-    """Shaped as results.trials_table builds it: two strategies, each with its own target_ratio
+    """Shaped as listing.trials_table builds it: two strategies, each with its own target_ratio
     (a trial samples only its strategy's), then the tail."""
     adaptive = [i % 2 == 1 for i in range(rows)]
     return pd.DataFrame(
@@ -83,22 +83,22 @@ def test_wide_shows_every_column_and_columns_shows_the_chosen_ones() -> None:
     wide = tables.terminal(table(), wide=True)
     assert REASON.strip() in wide and "ray_trial_id" in wide and "initial_blocks" in wide
     assert "more column(s)" not in wide
-    chosen = results.render(table(), columns="number, target_ratio,reason")
+    chosen = listing.render(table(), columns="number, target_ratio,reason")
     assert chosen.splitlines()[0].split() == ["number", "target_ratio", "reason"]
     assert REASON.strip() in chosen
 
 
 def test_csv_and_json_keep_the_full_names_and_every_column() -> None:
-    csv = results.render(table(), "csv")
+    csv = listing.render(table(), "csv")
     assert csv.splitlines()[0].split(",") == list(table().columns)
-    picked = results.render(table(), "json", columns="number,target_ratio")
+    picked = listing.render(table(), "json", columns="number,target_ratio")
     assert picked.count('"early_gradual.target_ratio": 0.5') == 2
     assert picked.count('"adaptive.target_ratio": 0.9') == 2
 
 
 def test_an_unknown_column_is_refused_naming_the_option_and_the_choices() -> None:
     with pytest.raises(ConfigError) as caught:
-        results.render(table(), columns="number,nope")
+        listing.render(table(), columns="number,nope")
     (problem,) = caught.value.problems
     assert problem.field == "--columns" and problem.value == "number,nope"
     assert "backbone_lr_mult" in problem.fix and "target_ratio" in problem.fix

@@ -17,10 +17,11 @@ import yaml
 from support import cpu_fp16_autocast
 
 import unfreeze_hpo
-from unfreeze_hpo import train
+from unfreeze_hpo import train, unfreezer
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig, from_dict
 from unfreeze_hpo.errors import ConfigError
+from unfreeze_hpo.lr import lr_schedule
 
 BASE: dict[str, Any] = {
     "model": {"name": "pytorchvideo:resnet3d_tiny"},
@@ -185,8 +186,8 @@ def on_setup(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[train.Trial
     callbacks: list[Callable[[train.Trial], None]] = []
     original = train.setup
 
-    def setup(cfg: TrialConfig, log: train.Log = print) -> train.Trial:
-        trial = original(cfg, log)
+    def setup(cfg: TrialConfig, log: train.Log = print, **kwargs: Any) -> train.Trial:
+        trial = original(cfg, log, **kwargs)
         for callback in callbacks:
             callback(trial)
         return trial
@@ -253,10 +254,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     optimizers: list[torch.optim.Optimizer] = []
     seen: list[EpochSeen] = []
     lines: list[str] = []
-    original_setup, original_build = train.setup, train.build_optimizer
+    original_setup, original_build = train.setup, unfreezer.build_optimizer
 
-    def setup(cfg: TrialConfig, log: train.Log = print) -> train.Trial:
-        trial = original_setup(cfg, log)
+    def setup(cfg: TrialConfig, log: train.Log = print, **kwargs: Any) -> train.Trial:
+        trial = original_setup(cfg, log, **kwargs)
         trials.append(trial)
         return trial
 
@@ -281,7 +282,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "setup", setup)
-        mp.setattr(train, "build_optimizer", build_optimizer)
+        mp.setattr(unfreezer, "build_optimizer", build_optimizer)
         summary = train.run(cfg, report, log=lines.append)
     assert len(trials) == 1
     assert trials[0].optimizer is optimizers[0]
@@ -721,23 +722,21 @@ def test_out_of_memory_fails_the_trial_as_oom(
 
 
 def test_cosine_schedule_values() -> None:
-    base = train.lr_schedule(
-        ScheduleConfig(kind="cosine", warmup_steps=4, min_lr_ratio=0.1), 1.0, 20
-    )
+    base = lr_schedule(ScheduleConfig(kind="cosine", warmup_steps=4, min_lr_ratio=0.1), 1.0, 20)
     expected = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 12: 0.55, 20: 0.1, 100: 0.1}
     for step in [*expected, *reversed(expected)]:
         assert base(step) == pytest.approx(expected[step])
 
 
 def test_constant_schedule_values() -> None:
-    base = train.lr_schedule(ScheduleConfig(kind="constant", warmup_steps=2), 0.01, 10)
+    base = lr_schedule(ScheduleConfig(kind="constant", warmup_steps=2), 0.01, 10)
     assert [base(s) for s in (0, 1, 2, 9, 50, 1)] == pytest.approx(
         [0.005, 0.01, 0.01, 0.01, 0.01, 0.01]
     )
 
 
 def test_cosine_schedule_without_warmup_starts_at_lr_and_is_pure() -> None:
-    base = train.lr_schedule(ScheduleConfig(kind="cosine"), 2.0, 8)
+    base = lr_schedule(ScheduleConfig(kind="cosine"), 2.0, 8)
     values = [base(s) for s in range(9)]
     assert values[0] == 2.0 and values[4] == pytest.approx(1.0) and values[8] == 0.0
     assert all(a > b for a, b in itertools.pairwise(values))
@@ -748,7 +747,7 @@ def test_lr_metrics_follow_the_schedule_per_group(reference: Reference) -> None:
     cfg = reference.cfg
     opt = cfg.optimizer
     total = cfg.epochs * STEPS_PER_EPOCH
-    base = train.lr_schedule(cfg.schedule, opt.lr, total)
+    base = lr_schedule(cfg.schedule, opt.lr, total)
     names = [b.name for b in reference.trial.blocks.blocks]
     for epoch, seen in enumerate(reference.epochs):
         m = seen.metrics

@@ -9,8 +9,8 @@ from typing import Any
 from ray import tune
 
 from unfreeze_hpo.config import from_dict
-from unfreeze_hpo.space import space_from_dict
-from unfreeze_hpo.trainable import run_trial
+from unfreeze_hpo.search.space import space_from_dict
+from unfreeze_hpo.search.trainable import run_trial
 
 BASE: dict[str, Any] = {
     "model": {"name": "pytorchvideo:resnet3d_tiny"},

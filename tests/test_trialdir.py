@@ -49,6 +49,18 @@ def test_the_timeline_is_each_epoch_the_trainable_count_grew_once() -> None:
     ]
 
 
+def test_the_events_name_the_blocks_each_one_opened(tmp_path: Path) -> None:
+    names = ["stem", "b1", "b2", "b3"]
+    opened = [(0, 1), (1, 1), (2, 3), (2, 3), (3, 4)]  # epoch 2 written again after a restart
+    for e, n in opened:
+        trialdir.append(tmp_path, epoch(e, n), names[len(names) - n :])
+    assert trialdir.events((tmp_path / trialdir.METRICS).read_text()) == [
+        {"epoch": 0, "n_trainable": 1, "blocks": ["b3"]},
+        {"epoch": 2, "n_trainable": 3, "blocks": ["b1", "b2"]},
+        {"epoch": 3, "n_trainable": 4, "blocks": ["stem"]},
+    ]
+
+
 def test_reading_a_trial_folder_imports_neither_torch_nor_ray() -> None:
     code = "import sys, unfreeze_hpo.trialdir; print(sorted({'torch', 'ray'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -47,7 +47,7 @@ def test_the_installed_wheel_finds_and_validates_its_spaces_and_examples(
         import contextlib, io, json, unfreeze_hpo
         from unfreeze_hpo import config, resources
         from unfreeze_hpo.cli import main
-        from unfreeze_hpo.space import default_space
+        from unfreeze_hpo.search.space import default_space
         space = default_space()
         base = config.load(resources.EXAMPLES / "embedded.yaml")
         validated = {}

@@ -31,7 +31,7 @@ _EXPORTS = {
     "build_optimizer": ("freezing", "build_optimizer"),
     "ModelSpec": ("models", "ModelSpec"),
     "build_model": ("models", "build"),
-    "Unfreezer": ("schedule", "Unfreezer"),
+    "Unfreezer": ("unfreezer", "Unfreezer"),
     "STRATEGIES": ("strategies", "REGISTRY"),
     "Plan": ("strategies", "Plan"),
     "Strategy": ("strategies", "Strategy"),
@@ -53,11 +53,11 @@ if TYPE_CHECKING:
     from unfreeze_hpo.freezing import Freezer, Status, build_optimizer
     from unfreeze_hpo.models import ModelSpec
     from unfreeze_hpo.models import build as build_model
-    from unfreeze_hpo.schedule import Unfreezer
     from unfreeze_hpo.strategies import REGISTRY as STRATEGIES
     from unfreeze_hpo.strategies import Plan, Strategy
     from unfreeze_hpo.strategies import create as create_strategy
     from unfreeze_hpo.strategies import register as register_strategy
+    from unfreeze_hpo.unfreezer import Unfreezer
 
 
 def __getattr__(name: str) -> Any:

@@ -1,8 +1,9 @@
 """Discover a model's ordered backbone blocks and its head, and prove they partition its parameters.
 
-Adapters are tried in order: a regex matcher given by the user, pytorchvideo MViT, pytorchvideo
-``Net``, then timm's own ``group_matcher``. Groups are formed from parameter *names* (through timm's
-``group_parameters``), never from parameter order.
+A regex matcher given by the user wins; otherwise the registered adapters (``ADAPTERS``) are
+tried in order: pytorchvideo MViT, pytorchvideo ``Net``, then timm's own ``group_matcher``.
+Groups are formed from parameter *names* (through timm's ``group_parameters``), never from
+parameter order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 from unfreeze_hpo.errors import BlockError, Problem
 from unfreeze_hpo.models import ModelSpec, build, classifier_name, unwrap
+from unfreeze_hpo.registry import Registry
 
 Granularity = Literal["fine", "coarse"]
 # A timm-style matcher: group name -> regex, or a list of (regex, suffix) pairs.
@@ -68,9 +70,10 @@ def discover(
     model = unwrap(model)
     if matcher is not None:
         return validate(model, _make_blocks(model, *_regex_groups(model, matcher), "regex"))
-    for name, applies, groups_of in _ADAPTERS:
-        if applies(model):
-            return validate(model, _make_blocks(model, *groups_of(model, granularity), name))
+    for adapter in ADAPTERS.values():
+        if adapter.applies(model):
+            grouping = adapter.groups(model, granularity)
+            return validate(model, _make_blocks(model, *grouping, adapter.name))
     raise BlockError(
         Problem(
             "blocks",
@@ -339,11 +342,29 @@ def _few(items: Sequence[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-# Tried in order when no matcher is given: (name, applies to the model?, groups of the model).
-_ADAPTERS: tuple[
-    tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module, Granularity], Grouping]], ...
-] = (
-    ("pytorchvideo-mvit", _mvit_applies, _mvit_groups),
-    ("pytorchvideo-net", _net_applies, _net_groups),
-    ("timm", _timm_applies, _timm_groups),
+@dataclass(frozen=True)
+class Adapter:
+    """How to find the blocks of one kind of model: whether it applies, and its groups."""
+
+    name: str
+    applies: Callable[[nn.Module], bool]
+    groups: Callable[[nn.Module, Granularity], Grouping]  # blocks input -> output, then the head
+    example: str  # a model name it applies to, for the contract tests
+
+
+# Tried in registration order when no matcher is given: the first that applies names the blocks.
+ADAPTERS: Registry[Adapter] = Registry("block adapter")
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add ``adapter`` after the registered ones (a name is registered once)."""
+    return ADAPTERS.add(adapter.name, adapter)
+
+
+register_adapter(
+    Adapter("pytorchvideo-mvit", _mvit_applies, _mvit_groups, "pytorchvideo:mvit_tiny")
 )
+register_adapter(
+    Adapter("pytorchvideo-net", _net_applies, _net_groups, "pytorchvideo:resnet3d_tiny")
+)
+register_adapter(Adapter("timm", _timm_applies, _timm_groups, "timm:vit_tiny_patch16_224"))

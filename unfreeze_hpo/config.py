@@ -7,22 +7,21 @@ every problem carries the file and line it came from.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unfreeze_hpo import data, faults, signals, storage, strategies
+from unfreeze_hpo import data, faults, signals, strategies
 from unfreeze_hpo.data import DataConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.faults import FaultsConfig
+from unfreeze_hpo.lr import ScheduleConfig
 from unfreeze_hpo.models import ModelSpec, parse_name
 from unfreeze_hpo.params import build, param
 from unfreeze_hpo.strategies import Strategy
 from unfreeze_hpo.yamlfile import is_file, locate_problem, parse_yaml, plain, read_yaml_text
 
-STUDY_FILE = "study.db"  # the durable Optuna study of a search, inside its folder
 # What a trial reports every epoch (train.run; besides lr/<group>): the names --metric may take.
 METRICS = (
     "best_val_acc",
@@ -97,106 +96,9 @@ class OptimizerConfig:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    kind: str = param("cosine", choices=("constant", "cosine"), help="base LR over the steps")
-    warmup_steps: int = param(0, ge=0, help="linear warmup from the first step")
-    min_lr_ratio: float = param(0.0, ge=0, le=1, help="cosine floor as a share of lr")
-
-
-@dataclass(frozen=True)
 class SignalsConfig:
     baseline_steps: int = param(20, ge=1, help="steps before an unfreeze event for the baseline")
     window_steps: int = param(20, ge=1, help="steps after an unfreeze event that are watched")
-
-
-def plain_name(name: Any) -> tuple[str, str] | None:
-    """Why ``name`` cannot name a folder of its own under storage_path, if it cannot."""
-    if isinstance(name, str) and re.fullmatch(r"\w[\w.-]{0,127}", name):
-        return None
-    return (
-        "not a plain folder name",
-        "use up to 128 letters, digits, '_', '-' and '.', starting with a letter or digit "
-        "(no '/', '..' or spaces), e.g. demo-2",
-    )
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """How to search; the trial itself comes from ``base`` and the sampled space."""
-
-    name: str = param("demo", check=plain_name, help="experiment name: a folder under storage_path")
-    storage_path: str = param("unfreeze-runs", help="where experiments are written")
-    space: str | None = param(None, help="search-space YAML; default search_spaces/all.yaml")
-    base: str | None = param(None, help="base trial YAML; default examples/embedded.yaml")
-    num_trials: int = param(32, ge=1, help="trials to run")
-    time_budget_s: float | None = param(None, gt=0, help="stop starting trials after this")
-    max_concurrent: int = param(2, ge=1, help="trials running at once")
-    cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
-    gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
-    metric: str = param(
-        "best_val_acc", choices=METRICS, help="what the search maximizes or minimizes"
-    )
-    mode: str = param("max", choices=("max", "min"), help="max or min")
-    scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
-    grace_period: int = param(4, ge=1, help="epochs before ASHA may stop a trial")
-    reduction_factor: float = param(2.0, gt=1, help="ASHA's halving rate")
-    prune_loss_ratio: float = param(
-        3.0,
-        gt=1,
-        help="prune when the loss after an unfreeze exceeds this multiple of its baseline",
-    )
-    prune_grad_ratio: float = param(
-        50.0,
-        gt=1,
-        help="prune when the grad norm after an unfreeze exceeds this multiple of its baseline",
-    )
-    prune_nonfinite: int = param(
-        1, ge=1, help="prune at this many non-finite steps after an unfreeze"
-    )
-    prune_unrecovered: bool = param(
-        True, help="prune when the loss is not back under its baseline by the end of the window"
-    )
-    study_storage: str | None = param(None, help="SQLAlchemy URL; default SQLite in the folder")
-    seed: int = param(0, ge=0, help="sampler seed")
-    recipes: bool = param(True, help="evaluate the field notes' recipes first")
-    preflight: bool = param(True, help="run the overfit check before any trial")
-    max_failures: int = param(1, ge=0, help="retries of a trial whose worker died")
-    address: str | None = param(None, help="Ray cluster address; default a local Ray")
-    resource_check: bool = param(
-        True,
-        help="refuse to start when no node has a trial's CPUs and GPUs (turn off for "
-        "autoscaling clusters that add GPU nodes on demand)",
-    )
-
-    @property
-    def location(self) -> str:
-        """The search folder, ``<storage_path>/<name>``: an absolute local path or a URI."""
-        return storage.join(storage.resolve(self.storage_path), self.name)
-
-    @property
-    def remote(self) -> bool:
-        return storage.is_uri(self.storage_path)
-
-    @property
-    def folder(self) -> Path:
-        """The search folder on this machine; only for a local (or NFS) ``storage_path``."""
-        if self.remote:
-            raise ValueError(f"storage_path {self.storage_path} is a URI, not a local folder")
-        return Path(self.location)
-
-    @property
-    def study_url(self) -> str:
-        """``study_storage``, else SQLite in a local search folder (a remote one needs a URL)."""
-        return self.study_storage or f"sqlite:///{self.folder / STUDY_FILE}"
-
-
-def as_option(problem: Problem) -> Problem:
-    """A SearchConfig problem named by its command-line option (search.num_trials ->
-    --num-trials); other problems as they are."""
-    name = problem.field.removeprefix("search.")
-    if name not in {f.name for f in dataclasses.fields(SearchConfig)}:
-        return problem
-    return dataclasses.replace(problem, field="--" + name.replace("_", "-"))
 
 
 def _default_strategy() -> Strategy:

@@ -72,6 +72,12 @@ def cache_key(cfg: TrialConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def weights_for(cfg: TrialConfig, log: Any = print) -> Path | None:
+    """The pretrained backbone ``train.run`` loads for ``cfg``: the source-pretrained weights
+    when ``model.pretrain_on_source`` (trained once, then cached), else None."""
+    return source_checkpoint(cfg, log) if cfg.model.pretrain_on_source else None
+
+
 def source_checkpoint(cfg: TrialConfig, log: Any = print) -> Path:
     """Path of the source-pretrained weights for ``cfg``'s model, training them if needed."""
     from unfreeze_hpo import train

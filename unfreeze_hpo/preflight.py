@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from unfreeze_hpo import embedded
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig
 from unfreeze_hpo.strategies import Plan, lr_scales
 from unfreeze_hpo.train import Log, seed_everything, setup, train_step
@@ -54,7 +55,11 @@ def preflight(
     """Train ``steps`` steps on ``samples`` training examples at the config's LR and check."""
     seed_everything(cfg.seed)
     # A constant LR: the check is about whether training works, not about the schedule.
-    trial = setup(cfg.replace(schedule=ScheduleConfig(kind="constant"), epochs=1), log)
+    trial = setup(
+        cfg.replace(schedule=ScheduleConfig(kind="constant"), epochs=1),
+        log,
+        weights=embedded.weights_for(cfg, log),
+    )
     n_blocks = len(trial.blocks)
     n_trainable = math.ceil(n_blocks / 2)
     plan = Plan(

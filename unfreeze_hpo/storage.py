@@ -89,7 +89,7 @@ def unreachable(location: str) -> str | None:
 
 def write_text(location: str, text: str) -> None:
     """Write a whole file at a URI in one PUT: no reader sees part of it. (Local files go through
-    ``results.write_atomic``, a rename.)"""
+    ``yamlfile.write_atomic``, a rename.)"""
     filesystem, key = open_location(location)
     filesystem.create_dir(key.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(key) as out:

@@ -24,14 +24,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from unfreeze_hpo import data, trialdir
-from unfreeze_hpo.blocks import Blocks, discover
-from unfreeze_hpo.config import ScheduleConfig, TrialConfig
+from unfreeze_hpo.blocks import Blocks
+from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.faults import Injector
-from unfreeze_hpo.freezing import Freezer, build_optimizer
+from unfreeze_hpo.freezing import Freezer
 from unfreeze_hpo.models import build, load_checkpoint
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
+from unfreeze_hpo.unfreezer import Unfreezer
 
 Report = Callable[[dict[str, float], Path | None], None]
 Log = Callable[[str], None]
@@ -92,13 +93,23 @@ class Trial:
     cfg: TrialConfig
     device: torch.device
     model: nn.Module
-    blocks: Blocks
-    optimizer: torch.optim.Optimizer
-    freezer: Freezer
+    unfreezer: Unfreezer  # blocks, optimizer, plan and LR schedule: the library's own API
     scaler: torch.amp.GradScaler
     datasets: data.Datasets
     steps_per_epoch: int
     faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
+
+    @property
+    def blocks(self) -> Blocks:
+        return self.unfreezer.blocks
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.unfreezer.optimizer
+
+    @property
+    def freezer(self) -> Freezer:
+        return self.unfreezer.freezer
 
 
 def run(
@@ -108,17 +119,20 @@ def run(
     resume: bool = False,
     log: Log = print,
     trial_id: str = "local",
+    weights: Path | None = None,
 ) -> Summary:
     """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint.
 
+    ``weights``: a backbone pretrained on another task, loaded before training with a fresh
+    classifier (the embedded default's source pretraining: ``embedded.weights_for(cfg)``).
     ``trial_id`` names the trial to the fault injector of the reliability tests (no other use).
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    trial = setup(cfg, log)
+    trial = setup(cfg, log, weights=weights)
     trial.faults = Injector(cfg.faults, trial_id)
-    freezer = trial.freezer
+    unfreezer = trial.unfreezer
     monitor = SpikeMonitor(
         cfg.signals.baseline_steps,
         cfg.signals.window_steps,
@@ -129,6 +143,8 @@ def run(
         state = _resume(trial, monitor, out, log)
     else:
         _start_over(out, log)
+    # The loop's state (checkpointed) and the Unfreezer share the history and the step count.
+    unfreezer.history, unfreezer.global_step = state.history, state.step
     sizes = trial.blocks.sizes
     log(
         f"trial: {cfg.model.name}, {len(trial.blocks)} blocks, strategy {cfg.strategy}, "
@@ -140,16 +156,10 @@ def run(
 
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
-        plan = cfg.strategy.plan(
-            epoch,
-            state.history,
-            sizes,
-            backbone_lr_mult=cfg.optimizer.backbone_lr_mult,
-            layer_decay=cfg.optimizer.layer_decay,
-        )
-        first_plan = freezer.plan is None
-        freezer.train()
-        newly = freezer.apply(plan, state.step)
+        first_plan = unfreezer.plan is None
+        newly = unfreezer.on_epoch_start(epoch)
+        plan = unfreezer.plan
+        assert plan is not None
         event = bool(newly) and not first_plan  # blocks trainable from the start are no event
         if event:
             monitor.on_unfreeze(epoch, state.step, newly)
@@ -171,13 +181,11 @@ def run(
         train = _train_epoch(trial, monitor, state, epoch, unfroze=event, log=log)
         val_loss, val_acc = evaluate(trial)
         monitored = val_acc if cfg.monitor == "val_acc" else val_loss
-        state.history.append(monitored)
+        status = unfreezer.on_epoch_end({cfg.monitor: monitored})  # history, audit, status
         monitor.on_epoch_end(epoch, monitored)
         drift = _drift(trial, before, steps_taken=train["steps_taken"])
-        freezer.audit()
         if val_acc > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val_acc, epoch
-        status = freezer.status()
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "step": float(state.step),
@@ -198,7 +206,7 @@ def run(
             **_latest_event(trial.blocks, monitor),
             "spike_window_steps": float(cfg.signals.window_steps),
             "epoch_seconds": time.perf_counter() - started,
-            **{f"lr/{name}": lr for name, lr in freezer.lrs().items()},
+            **{f"lr/{name}": lr for name, lr in unfreezer.freezer.lrs().items()},
             **drift,
             **monitor.metrics(),
         }
@@ -225,8 +233,9 @@ def run(
     )
 
 
-def setup(cfg: TrialConfig, log: Log = print) -> Trial:
-    """Data, model (with its weights), blocks, optimizer and freezer for ``cfg``."""
+def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) -> Trial:
+    """Data, model (with its weights; see ``run`` for ``weights``), blocks, optimizer and
+    freezer for ``cfg``."""
     device = resolve_device(cfg.device)
     datasets = data.load(cfg.data)
     num_classes = cfg.model.num_classes or datasets.num_classes
@@ -240,42 +249,22 @@ def setup(cfg: TrialConfig, log: Log = print) -> Trial:
             )
         )
     model = build(cfg.model.spec(num_classes))
-    if cfg.model.pretrain_on_source:
-        from unfreeze_hpo.embedded import source_checkpoint
-
-        load_checkpoint(model, source_checkpoint(cfg, log), fresh_classifier=True)
+    if cfg.model.pretrain_on_source and weights is None:
+        raise ConfigError(
+            Problem(
+                "model.pretrain_on_source",
+                True,
+                "the source-pretrained backbone was not given to the training loop",
+                "pass weights=unfreeze_hpo.embedded.weights_for(cfg) to train.run / train.setup",
+            )
+        )
+    if weights is not None:
+        load_checkpoint(model, weights, fresh_classifier=True)
     model.to(device)
-    blocks = discover(model, cfg.model.granularity, cfg.model.matcher)  # type: ignore[arg-type]
-    optimizer = build_optimizer(
-        model, blocks, cfg.optimizer.name, lr=cfg.optimizer.lr, **cfg.optimizer.kwargs()
-    )
     steps_per_epoch = math.ceil(len(datasets.train) / cfg.batch_size)  # type: ignore[arg-type]
-    base_lr = lr_schedule(cfg.schedule, cfg.optimizer.lr, cfg.epochs * steps_per_epoch)
-    freezer = Freezer(
-        model,
-        blocks,
-        optimizer,
-        base_lr,
-        warmup_steps=cfg.optimizer.unfreeze_warmup_steps,
-        frozen_norm_eval=cfg.frozen_norm_eval,
-    )
+    unfreezer = Unfreezer.from_schedule(cfg, model, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    return Trial(cfg, device, model, blocks, optimizer, freezer, scaler, datasets, steps_per_epoch)
-
-
-def lr_schedule(schedule: ScheduleConfig, lr: float, total_steps: int) -> Callable[[int], float]:
-    """The base (head) LR as a pure function of the global step."""
-    warmup, floor = schedule.warmup_steps, schedule.min_lr_ratio
-
-    def base_lr(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        if schedule.kind == "constant":
-            return lr
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-    return base_lr
+    return Trial(cfg, device, model, unfreezer, scaler, datasets, steps_per_epoch)
 
 
 def train_step(
@@ -317,7 +306,7 @@ def _train_epoch(
     event_step = state.step
     for inputs, labels in _loader(trial, epoch):
         inputs, labels = inputs.to(trial.device), labels.to(trial.device)
-        trial.freezer.set_lr(state.step)
+        trial.unfreezer.step()  # this step's LRs
         try:
             if trial.faults:
                 first_after_event = unfroze and state.step == event_step

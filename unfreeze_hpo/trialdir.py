@@ -23,7 +23,9 @@ CARRIED = (CHECKPOINT, METRICS, LOG)
 # What a fresh run in a used folder removes.
 STALE = (CHECKPOINT, PREVIOUS, METRICS, METRICS_CSV)
 
-Event = dict[str, int]  # an unfreeze event: {"epoch": e, "n_trainable": n}
+# An unfreeze event: {"epoch": e, "n_trainable": n}, and "blocks" (the block names it opened,
+# input -> output) where the trial folder names them.
+Event = dict[str, Any]
 
 
 def append(out: Path, metrics: Mapping[str, float], unfrozen: Sequence[str]) -> None:
@@ -47,6 +49,28 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
     """The per-epoch metrics of the trial folder ``out`` ([] when it has none)."""
     path = out / METRICS
     return rows(path.read_text()) if path.exists() else []
+
+
+def find_rows(search_folder: Path, trial_dir: str) -> list[dict[str, Any]]:
+    """The longest per-epoch record of a trial of the search in ``search_folder``: its work
+    folder's or its latest Ray checkpoint's ``metrics.jsonl`` ([] when none survives).
+
+    The recorded ``trial_dir`` may be Ray's session staging folder (gone after a reboot) or a path
+    on another machine, so the same trial folder name is also looked up under ``<search>/ray``.
+    """
+    if not trial_dir:
+        return []
+    dirs = [Path(trial_dir), Path(search_folder) / "ray" / Path(trial_dir).name]
+    files = [d / "work" / METRICS for d in dirs]
+    files += [max(d.glob(f"checkpoint_*/{METRICS}"), default=d / "-") for d in dirs]
+    return max((_read(f) for f in files), key=len)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    try:
+        return rows(path.read_text())
+    except OSError:
+        return []
 
 
 def truncate(out: Path, epochs: int) -> None:
@@ -82,6 +106,32 @@ def extend_timeline(timeline: list[Event], row: Mapping[str, Any]) -> None:
         return
     if n > (timeline[-1]["n_trainable"] if timeline else 0):
         timeline.append({"epoch": epoch, "n_trainable": n})
+
+
+def events(text: str) -> list[Event]:
+    """The unfreeze events of a ``metrics.jsonl`` text, each with the blocks it opened; an epoch
+    written twice (a resumed run writes it again) counts once."""
+    out: list[Event] = []
+    before: list[str] = []
+    seen: set[int] = set()
+    for line in sorted(_lines(text), key=lambda line: _epoch(line) or 0):
+        if (epoch := _epoch(line)) is None or epoch in seen:
+            continue
+        seen.add(epoch)
+        unfrozen = [str(name) for name in line.get("unfrozen") or []]
+        n = int(line["metrics"].get("unfrozen_blocks", len(unfrozen)))
+        if n > (out[-1]["n_trainable"] if out else 0):
+            event: Event = {"epoch": epoch, "n_trainable": n}
+            if "unfrozen" in line:  # the block names, where the line carries them
+                event["blocks"] = [name for name in unfrozen if name not in before]
+            out.append(event)
+        before = unfrozen
+    return out
+
+
+def _epoch(line: Mapping[str, Any]) -> int | None:
+    epoch = line["metrics"].get("epoch")
+    return int(epoch) if isinstance(epoch, int | float) else None
 
 
 def timeline(history: Iterable[Mapping[str, Any]]) -> list[Event]:

@@ -9,10 +9,11 @@ a file is refused when it is large, deeply nested or expands (through aliases) t
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -282,3 +283,61 @@ def _collection(
         _construct(loader, n, f"{path}[{i}]", lines, problems, source)
         for i, n in enumerate(node.value)
     ]
+
+
+class YamlDumper(yaml.SafeDumper):
+    """Quotes every string that PyYAML's YAML 1.1 rules *or* the project's YAML 1.2 reader would
+    take for a number or boolean (``1e3``), so what is written reads back the same."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    # Lists of scalars on one line (phases, block names); nested structure stays in blocks.
+    flow = all(not isinstance(v, dict | list) for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+for _first, _resolvers in Loader.yaml_implicit_resolvers.items():
+    for _tag, _regexp in _resolvers:
+        YamlDumper.add_implicit_resolver(_tag, _regexp, None if _first is None else [_first])
+YamlDumper.add_representer(list, _represent_list)
+
+
+def yaml_text(values: Mapping[str, Any]) -> str:
+    """``values`` as the YAML this project writes (reads back the same under its YAML 1.2 rules)."""
+    text: str = yaml.dump(dict(values), Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
+    return text
+
+
+def write_yaml(
+    path: Path, values: Mapping[str, Any], header: str, *, check: Check | None = None
+) -> Path:
+    """Write ``header`` and ``values`` as YAML through ``write_atomic``."""
+
+    def body(f: TextIO) -> None:
+        f.write(header)
+        yaml.dump(dict(values), f, Dumper=YamlDumper, sort_keys=False, allow_unicode=True)
+
+    return write_atomic(path, body, check=check)
+
+
+# Called with the written temp file and the path it will replace; raises to keep the old file.
+Check = Callable[[Path, Path], None]
+
+
+def write_atomic(path: Path, body: Callable[[TextIO], Any], *, check: Check | None = None) -> Path:
+    """Write through a temp file renamed over ``path``: a reader or a crash never sees half a
+    file, and a failed write (or a failed ``check`` of the written file) leaves the previous
+    file as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            body(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if check is not None:
+            check(tmp, path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

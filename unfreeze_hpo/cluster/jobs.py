@@ -16,16 +16,17 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
+import unfreeze_hpo
 from unfreeze_hpo import storage
-from unfreeze_hpo.config import SearchConfig, as_option
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
+from unfreeze_hpo.search.options import SearchConfig, as_option, search_options
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # the Jobs server through an SSH tunnel or port-forward
-PACKAGE = Path(__file__).resolve().parent  # the unfreeze_hpo package a job ships
+PACKAGE = Path(unfreeze_hpo.__file__).resolve().parent  # the package a job ships
 # Never uploaded with the working directory: environments, results, caches, weights.
 EXCLUDES = [
     ".git",
@@ -101,7 +102,8 @@ def prepare(
     """Check the search options ``values`` (SearchConfig fields as given on the command line)
     for a run on a cluster, and build the job's entrypoint. Every problem at once."""
     from unfreeze_hpo.params import build
-    from unfreeze_hpo.search import check_inputs, check_storage, load_inputs
+    from unfreeze_hpo.search import trackers
+    from unfreeze_hpo.search.inputs import check_inputs, check_storage, load_inputs
 
     problems: list[Problem] = []
     notes: list[str] = []
@@ -113,6 +115,8 @@ def prepare(
             )
         )
     built = build(SearchConfig, dict(values), "search", problems)
+    if built is not None:  # the packages are the cluster's business: the driver runs there
+        problems += trackers.problems(built.trackers, installed=False)
     problems = [as_option(p) for p in problems]
     # With a bad number elsewhere, the paths are still checked: every problem in one go.
     cfg = built or dataclasses.replace(
@@ -207,16 +211,18 @@ def _elsewhere(problem: Problem) -> bool:
 
 def _entrypoint(values: Mapping[str, Any], paths: Mapping[str, str], debug: bool) -> str:
     """``search`` with the given options, on the cluster it runs in."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SearchConfig)}
     # The package ships with the job (py_modules), so the cluster needs only its dependencies.
     argv = ["python", "-m", "unfreeze_hpo.cli", *(["--debug"] if debug else []), "search"]
-    for name, value in values.items():
-        flag = name.replace("_", "-")
-        if defaults[name] is True or defaults[name] is False:
-            if value != defaults[name]:
-                argv.append(f"--no-{flag}" if defaults[name] else f"--{flag}")
+    for option in search_options():
+        head, _, tail = option.path.partition(".")
+        value = (values.get(head) or {}).get(tail, MISSING) if tail else values.get(head, MISSING)
+        if value is MISSING:
             continue
-        argv += [f"--{flag}", str(paths.get(name, value))]
+        if option.default is True or option.default is False:
+            if value != option.default:
+                argv.append(f"--no-{option.flag[2:]}" if option.default else option.flag)
+            continue
+        argv += [option.flag, str(paths.get(option.path, value))]
     argv += ["--address", "auto"]
     return shlex.join(argv)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from unfreeze_hpo.errors import Problem, UnfreezeHPOError, UserError
-from unfreeze_hpo.report import storage_url
+from unfreeze_hpo.results.report import storage_url
 
 
 def dashboard_command(

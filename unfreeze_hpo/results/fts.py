@@ -1,5 +1,12 @@
-"""Export one trial of a search: a replayable schedule YAML (``unfreeze-hpo train --config``) or
-an explicit finetuning-scheduler schedule for PyTorch Lightning.
+"""Lightning finetuning-scheduler (FTS) schedules from a trial's unfreeze events.
+
+
+FTS reads an explicit schedule {phase: {params, max_transition_epoch, lr}}, phases 0..n. It
+freezes the whole LightningModule, thaws phase 0 before training, and at the start of each
+epoch E moves to the next phase once the current phase's max_transition_epoch <= E, adding
+the new phase's parameters to the optimizer as a group at the phase's lr. Phase 0 trains at
+the LR of `configure_optimizers` (FTS drops a phase-0 lr with a warning). A listed name that
+is a parameter of the module is taken as is; anything else is a regex (re.match).
 """
 
 from __future__ import annotations
@@ -11,80 +18,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from optuna.trial import FrozenTrial, TrialState
 
 from unfreeze_hpo import strategies
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
-from unfreeze_hpo.results import (
-    RAY_KEYS,
-    STATE_NAMES,
-    Search,
-    YamlDumper,
-    best_trials,
-    or_list,
-    write_atomic,
-    write_yaml,
-)
+from unfreeze_hpo.results import Search
+from unfreeze_hpo.yamlfile import YamlDumper
 
-if TYPE_CHECKING:  # blocks imports torch: only the lightning-fts format needs it at run time
+if TYPE_CHECKING:  # blocks imports torch
     from unfreeze_hpo.blocks import Blocks
-
-# What `export` writes: our trial YAML (`unfreeze-hpo train --config` replays it), or an explicit
-# schedule for the finetuning-scheduler package (FTS) of PyTorch Lightning.
-EXPORT_FORMATS = ("unfreeze-hpo", "lightning-fts")
 # How a LightningModule that holds the model as `self.model` names its parameters.
 FTS_PREFIX = "model."
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-
-
-def trial_config(search: Search, number: int) -> TrialConfig:
-    """Trial ``number``'s full config as it trained, with where it came from in ``provenance``."""
-    trial = _trial(search, number)
-    flat = trial.user_attrs.get("config") or trial.params
-    cfg = search.space.trial_config(search.base, flat)
-    attrs = trial.user_attrs
-    provenance = {
-        "search": str(search.folder),
-        "study": search.name,
-        "study_storage": search.study_url,
-        "trial": number,
-        "ray_trial_id": attrs.get("ray_trial_id"),
-        "state": STATE_NAMES.get(trial.state, trial.state.name.lower()),
-        "reason": attrs.get("reason") or None,
-        "metric": search.metric,
-        "mode": search.mode,
-        "value": trial.value,
-        "final": {k: v for k, v in (attrs.get("final") or {}).items() if k not in RAY_KEYS},
-        "timeline": _timeline(cfg, attrs.get("timeline") or []),
-    }
-    return cfg.replace(output_dir=f"runs/{search.name}-trial-{number}", provenance=provenance)
-
-
-def export_schedule(
-    search: Search, out: Path, number: int | None = None, *, allow_incomplete: bool = False
-) -> Path:
-    """Write trial ``number`` (default: the best completed one) as a trial YAML that
-    ``unfreeze-hpo train --config`` replays; atomically, and only once it validates."""
-    out = Path(out)
-    number = _exportable(search, out, number, allow_incomplete)
-    cfg = trial_config(search, number)
-    header = (
-        f"# trial {number} of search {search.name!r} ({search.folder}), exported by unfreeze-hpo\n"
-        f"# replay: unfreeze-hpo train --config {out.name}\n"
-    )
-    return write_yaml(out, cfg.to_dict(), header, check=True)
-
-
-def check_export_format(fmt: str) -> str:
-    """``fmt`` if it is one of EXPORT_FORMATS, else the ConfigError that says which are."""
-    if fmt not in EXPORT_FORMATS:
-        fix = f"use {or_list(EXPORT_FORMATS)}"
-        raise ConfigError(Problem("--format", fmt, "unknown export format", fix))
-    return fmt
 
 
 def check_fts_prefix(prefix: str) -> str:
@@ -93,76 +37,6 @@ def check_fts_prefix(prefix: str) -> str:
         fix = f"end it with a dot, e.g. --fts-prefix {prefix}."
         raise ConfigError(Problem("--fts-prefix", prefix, "must end with '.'", fix))
     return prefix
-
-
-def _exportable(search: Search, out: Path, number: int | None, allow_incomplete: bool) -> int:
-    """The trial to export (default: the best completed one); UserError when it may not be."""
-    if out.is_dir():
-        raise UserError(Problem("--out", str(out), "is a folder", "give a file, e.g. best.yaml"))
-    if number is None:
-        number = int(best_trials(search)["number"].iloc[0])
-    trial = _trial(search, number)
-    if trial.state != TrialState.COMPLETE and not allow_incomplete:
-        state = STATE_NAMES.get(trial.state, trial.state.name.lower())
-        reason = trial.user_attrs.get("reason")
-        fix = "export a completed trial (see `unfreeze-hpo best`), or pass --allow-incomplete"
-        why = f"trial {number} {'is' if state == 'running' else 'was'} {state}"
-        raise UserError(Problem("--trial", number, f"{why}{f': {reason}' if reason else ''}", fix))
-    return number
-
-
-def _trial(search: Search, number: int) -> FrozenTrial:
-    trials = search.study.get_trials(deepcopy=False)
-    found = next((t for t in trials if t.number == number), None)
-    if found is None:
-        span = f"numbered 0 to {len(trials) - 1}" if trials else "none yet"
-        fix = f"pick a number from `unfreeze-hpo trials {search.folder}`"
-        raise UserError(
-            Problem("--trial", number, f"out of range: this search's trials are {span}", fix)
-        )
-    return found
-
-
-def _timeline(cfg: TrialConfig, events: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The unfreeze events the trial took, each with the blocks it opened when they can be named."""
-    names = _block_names(cfg) if events else None
-    out, previous = [], 0
-    for event in events:
-        n = int(event["n_trainable"])
-        entry: dict[str, Any] = {"epoch": int(event["epoch"]), "n_trainable": n}
-        if names is not None and n <= len(names):
-            entry["blocks"] = names[len(names) - n : len(names) - previous]  # the last n blocks
-        out.append(entry)
-        previous = n
-    return out
-
-
-def _block_names(cfg: TrialConfig) -> list[str] | None:
-    """The model's blocks, input to output, or None when they cannot be discovered."""
-    try:
-        blocks = _discover_blocks(cfg)
-    except Exception:  # names are a courtesy: the epochs and counts stay exact without them
-        return None
-    return [b.name for b in blocks.blocks]
-
-
-def _discover_blocks(cfg: TrialConfig) -> Blocks:
-    """The trial's model's blocks and head, from a model built on the meta device (cheap)."""
-    from unfreeze_hpo.blocks import discover_spec
-
-    spec = cfg.model.spec(cfg.model.num_classes or 2)
-    return discover_spec(spec, cfg.model.granularity, cfg.model.matcher)  # type: ignore[arg-type]
-
-
-# ---------------------------------------------------------------------------------------------
-# Export for Lightning's finetuning-scheduler (FTS)
-#
-# FTS reads an explicit schedule {phase: {params, max_transition_epoch, lr}}, phases 0..n. It
-# freezes the whole LightningModule, thaws phase 0 before training, and at the start of each
-# epoch E moves to the next phase once the current phase's max_transition_epoch <= E, adding
-# the new phase's parameters to the optimizer as a group at the phase's lr. Phase 0 trains at
-# the LR of `configure_optimizers` (FTS drops a phase-0 lr with a warning). A listed name that
-# is a parameter of the module is taken as is; anything else is a regex (re.match).
 
 
 @dataclass(frozen=True)
@@ -177,42 +51,11 @@ class FtsPhase:
     block_lrs: tuple[float, ...]  # each block's own LR in the trial, in the order of ``blocks``
 
 
-@dataclass(frozen=True)
-class FtsSchedule:
-    """An exported FTS schedule: the file, the trial's config (with provenance), its phases."""
-
-    path: Path
-    trial: TrialConfig
-    phases: tuple[FtsPhase, ...]
-
-
-def export_fts(
-    search: Search,
-    out: Path,
-    number: int | None = None,
-    *,
-    allow_incomplete: bool = False,
-    prefix: str = FTS_PREFIX,
-) -> FtsSchedule:
-    """Write trial ``number`` (default: the best completed one) as an explicit finetuning-scheduler
-    schedule; parameter names carry ``prefix`` (the model's attribute in the LightningModule)."""
-    out = Path(out)
-    check_fts_prefix(prefix)
-    number = _exportable(search, out, number, allow_incomplete)
-    cfg = trial_config(search, number)
-    recorded = (cfg.provenance or {}).get("timeline") or []
-    phases = tuple(fts_phases(cfg, _discover_blocks(cfg), recorded, prefix))
-    header = _fts_header(search, number, cfg, prefix, out)
-    text = header + "".join(_fts_phase_text(i, phase) for i, phase in enumerate(phases))
-    write_atomic(out, lambda f: f.write(text))
-    return FtsSchedule(out, cfg, phases)
-
-
 def unfreeze_events(
     cfg: TrialConfig, sizes: Sequence[int], recorded: Sequence[Mapping[str, Any]] = ()
 ) -> list[tuple[int, int]]:
     """``(epoch, n_trainable)`` at epoch 0 and at every epoch the trainable block count grows."""
-    if isinstance(cfg.strategy, strategies.Adaptive):
+    if cfg.strategy.reads_history:
         # Its events follow the metric the trial saw: only the recorded ones are known.
         counts = [(int(e["epoch"]), int(e["n_trainable"])) for e in recorded]
     else:
@@ -276,8 +119,8 @@ def _round(value: float) -> float:
 def _fts_header(search: Search, number: int, cfg: TrialConfig, prefix: str, out: Path) -> str:
     lr = cfg.optimizer.lr
     source = (
-        "the events this trial recorded: adaptive follows its metric"
-        if isinstance(cfg.strategy, strategies.Adaptive)
+        f"the events this trial recorded: {cfg.strategy.name} follows its metric"
+        if cfg.strategy.reads_history
         else "the strategy's plan over the trial's epochs"
     )
     paragraphs = [
@@ -342,10 +185,6 @@ def _fts_phase_notes(k: int, phase: FtsPhase) -> list[str]:
     return notes
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML out
-
-
 class _FtsDumper(YamlDumper):
     """Parameter lists one name a line: FTS schedules are read and edited by people."""
 
@@ -353,3 +192,16 @@ class _FtsDumper(YamlDumper):
 _FtsDumper.add_representer(
     list, lambda d, data: d.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=False)
 )
+
+
+def fts_text(
+    search: Search,
+    number: int,
+    cfg: TrialConfig,
+    prefix: str,
+    out: Path,
+    phases: Sequence[FtsPhase],
+) -> str:
+    """The schedule file: a header on the trial and how to use it, then one block per phase."""
+    header = _fts_header(search, number, cfg, prefix, out)
+    return header + "".join(_fts_phase_text(i, phase) for i, phase in enumerate(phases))

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import re
-import types
 import typing
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,23 +18,26 @@ import optuna
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
 )
 
 from unfreeze_hpo import config, resources, strategies, yamlfile
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.params import check_value, coerce
+from unfreeze_hpo.search.distributions import (
+    Spec,
+    close_match,
+    contains,
+    distribution,
+    is_distribution,
+    is_fixed,
+    suggest,
+    unknown,
+)
 
 SPACES_DIR = resources.SPACES  # the shipped spaces, package data
 
 _TOP_KEYS = ("strategy", "strategies", "common")
-_OPTIONS: dict[str, tuple[str, ...]] = {
-    "float": ("low", "high", "log", "step"),
-    "int": ("low", "high", "log", "step"),
-    "categorical": ("choices",),
-}
 # The search owns these: the branch chooses the strategy, Ray gives each trial its own directory.
 _NOT_COMMON = {
     "strategy": "list strategies under strategy: and their parameters under strategies:",
@@ -57,8 +57,6 @@ RECIPES: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("full fine-tuning", "full", {}),
 )
 # fmt: on
-
-Spec = BaseDistribution | Any  # a distribution to sample, or a fixed value
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class SearchSpace:
             name = fixed["strategy"] = self.strategies[0]
         for key, spec in self._branch(str(name)).items():
             if isinstance(spec, BaseDistribution):
-                _suggest(trial, key, spec)
+                suggest(trial, key, spec)
             else:
                 fixed[key] = copy.deepcopy(spec)  # Ray may keep or alter the config it is given
         return fixed
@@ -108,8 +106,8 @@ class SearchSpace:
         if name not in self.strategies:
             fix = f"use one of {', '.join(self.strategies)}"
             raise ConfigError(Problem("strategy", name, "not a strategy of this space", fix))
-        params = {k: v for k, v in self.per_strategy.get(name, {}).items() if _fixed(v)}
-        common = {k: v for k, v in self.common.items() if _fixed(v)}
+        params = {k: v for k, v in self.per_strategy.get(name, {}).items() if is_fixed(v)}
+        common = {k: v for k, v in self.common.items() if is_fixed(v)}
         problems: list[Problem] = []
         for key, value in flat.items():
             head, _, param = key.partition(".")
@@ -153,7 +151,7 @@ class SearchSpace:
         for param, value in values.items():
             spec = specs.get(param, defaults[param])
             if isinstance(spec, BaseDistribution):
-                if not _contains(spec, value):
+                if not contains(spec, value):
                     return None
                 point[f"{name}.{param}"] = value
             elif spec != value:  # fixed by the space, or left at the strategy's default
@@ -164,7 +162,7 @@ class SearchSpace:
         """Fixed strategy parameters that name more blocks than the model's ``n_blocks``."""
         problems = []
         for name in self.strategies:
-            fixed = {k: v for k, v in self.per_strategy.get(name, {}).items() if _fixed(v)}
+            fixed = {k: v for k, v in self.per_strategy.get(name, {}).items() if is_fixed(v)}
             strategy = strategies.create(name, fixed)  # load_space has checked them
             problems += [
                 dataclasses.replace(p, field=re.sub(r"^strategy\.", f"strategies.{name}.", p.field))
@@ -209,7 +207,7 @@ def space_from_dict(
     problems: list[Problem] = []
     for key in values:
         if key not in _TOP_KEYS:
-            problems.append(_unknown(str(key), values[key], key, _TOP_KEYS, "unknown key"))
+            problems.append(unknown(str(key), values[key], key, _TOP_KEYS, "unknown key"))
     names = _strategy_names(values.get("strategy"), problems)
     per_strategy = _per_strategy(values.get("strategies"), names, problems)
     common = _common(values.get("common"), problems)
@@ -232,7 +230,7 @@ def _strategy_names(raw: Any, problems: list[Problem]) -> list[str]:
     for item in items:
         if not isinstance(item, str) or item not in strategies.REGISTRY:
             known = list(strategies.REGISTRY)
-            problems.append(_unknown("strategy", item, item, known, "unknown strategy"))
+            problems.append(unknown("strategy", item, item, known, "unknown strategy"))
         elif item in names:
             problems.append(Problem("strategy", item, "listed twice", "list it once"))
         else:
@@ -255,7 +253,7 @@ def _per_strategy(
         where = f"strategies.{name}"
         if name not in strategies.REGISTRY:
             known = list(strategies.REGISTRY)
-            problems.append(_unknown(where, name, name, known, "unknown strategy"))
+            problems.append(unknown(where, name, name, known, "unknown strategy"))
         elif names and name not in names:  # names is empty when strategy: itself is wrong
             fix = "add it to strategy: or remove this section"
             problems.append(Problem(where, name, "not in the strategy: list", fix))
@@ -275,14 +273,14 @@ def _strategy_params(name: str, raw: Mapping[str, Any], problems: list[Problem])
         where = f"strategies.{name}.{param}"
         if param not in fields:
             problems.append(_not_a_param(where, spec, name, param))
-        elif _is_distribution(spec):
-            dist = _distribution(where, spec, hints[param], fields[param].metadata, problems)
+        elif is_distribution(spec):
+            dist = distribution(where, spec, hints[param], fields[param].metadata, problems)
             if dist is not None:
                 out[param] = dist
         else:
             out[param] = spec
     # The fixed values are checked by the strategy itself, cross-field rules (phases) included.
-    fixed = {k: v for k, v in out.items() if _fixed(v)}
+    fixed = {k: v for k, v in out.items() if is_fixed(v)}
     try:
         strategies.create(name, fixed)
     except ConfigError as exc:
@@ -308,8 +306,8 @@ def _common(raw: Any, problems: list[Problem]) -> dict[str, Spec]:
             problems.append(found)
             continue
         hint, meta = found
-        if _is_distribution(spec):
-            dist = _distribution(where, spec, hint, meta, problems)
+        if is_distribution(spec):
+            dist = distribution(where, spec, hint, meta, problems)
             if dist is not None:
                 out[key] = dist
         else:
@@ -325,150 +323,8 @@ def _common(raw: Any, problems: list[Problem]) -> dict[str, Spec]:
 # Distributions
 
 
-def _is_distribution(spec: Any) -> bool:
-    """A mapping with a type, or with the options of one (then its type is missing)."""
-    return isinstance(spec, Mapping) and bool({"type", "low", "high", "choices"} & set(spec))
-
-
-def _distribution(
-    where: str, spec: Mapping[str, Any], hint: Any, meta: Mapping[str, Any], problems: list[Problem]
-) -> BaseDistribution | None:
-    """The Optuna distribution ``spec`` describes, checked against the field it samples."""
-    kind = spec.get("type")
-    if not isinstance(kind, str) or kind not in _OPTIONS:
-        known = list(_OPTIONS)
-        message = "unknown distribution" if "type" in spec else "a distribution needs a type"
-        problems.append(_unknown(f"{where}.type", kind, kind, known, message))
-        return None
-    for option in spec:
-        if option != "type" and option not in _OPTIONS[kind]:
-            known = ["type", *_OPTIONS[kind]]
-            message = f"not an option of a {kind} distribution"
-            problems.append(_unknown(f"{where}.{option}", spec[option], option, known, message))
-    refusal = _kind_refusal(kind, _kind(hint), meta)
-    if refusal is not None:
-        problems.append(Problem(where, dict(spec), *refusal))
-        return None
-    before = len(problems)
-    args = _arguments(where, kind, spec, hint, problems)
-    if len(problems) > before:
-        return None
-    try:
-        # Optuna only warns when it moves high down onto the step grid; a silently changed
-        # range would surprise, so its warnings count as problems too.
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            dist = _construct(kind, args)
-        if caught:
-            raise ValueError(str(caught[0].message))
-    except ValueError as exc:  # Optuna's own rule, in Optuna's words
-        problems.append(Problem(where, dict(spec), str(exc), "change low/high/log/step to obey it"))
-        return None
-    problems += _out_of_bounds(where, dist, meta)
-    return dist
-
-
-def _kind_refusal(kind: str, field_kind: str, meta: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(message, fix) when a distribution of ``kind`` cannot sample a field of ``field_kind``."""
-    if field_kind == "structured":
-        return "structured parameters can only be fixed", "write the value itself"
-    if kind != "categorical" and (field_kind in ("str", "bool") or meta.get("choices")):
-        return f"type {kind} cannot sample a {field_kind} field", "use type: categorical"
-    if kind == "float" and field_kind == "int":
-        return "type float cannot sample an int field", "use type: int"
-    return None
-
-
-def _arguments(
-    where: str, kind: str, spec: Mapping[str, Any], hint: Any, problems: list[Problem]
-) -> dict[str, Any]:
-    """The constructor arguments, each brought to its type (problems appended)."""
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if choices is None or not isinstance(choices, list):
-            fix = "e.g. choices: [cosine, constant]"
-            problems.append(Problem(f"{where}.choices", choices, "must be a list", fix))
-            return {}
-        out = []
-        for i, choice in enumerate(choices):
-            value, problem = coerce(f"{where}.choices[{i}]", choice, hint)
-            if problem is None and not isinstance(value, bool | int | float | str | None):
-                fix = "fix the value instead of searching it"
-                problem = Problem(f"{where}.choices[{i}]", choice, "choices must be scalars", fix)
-            if problem is not None:
-                problems.append(problem)
-            out.append(value)
-        return {"choices": out}
-    number = int if kind == "int" else float
-    args: dict[str, Any] = {}
-    for option in ("low", "high", "step", "log"):
-        value = spec.get(option)
-        if value is None:
-            if option in ("low", "high"):
-                problems.append(Problem(f"{where}.{option}", None, "missing", "give a number"))
-            continue
-        value, problem = coerce(f"{where}.{option}", value, bool if option == "log" else number)
-        if problem is not None:
-            problems.append(problem)
-        args[option] = value
-    return args
-
-
-def _construct(kind: str, args: Mapping[str, Any]) -> BaseDistribution:
-    if kind == "categorical":
-        return CategoricalDistribution(args["choices"])
-    if kind == "int":
-        return IntDistribution(**{"step": 1, **args})
-    return FloatDistribution(**args)
-
-
-def _out_of_bounds(where: str, dist: BaseDistribution, meta: Mapping[str, Any]) -> list[Problem]:
-    """Range ends (or choices) outside the field's declared bounds."""
-    if isinstance(dist, CategoricalDistribution):
-        values = {f"{where}.choices[{i}]": c for i, c in enumerate(dist.choices)}
-    else:
-        assert isinstance(dist, FloatDistribution | IntDistribution)
-        values = {f"{where}.low": dist.low, f"{where}.high": dist.high}
-    found = [check_value(w, v, meta) for w, v in values.items()]
-    return [p for p in found if p is not None]
-
-
-def _suggest(trial: optuna.trial.Trial, name: str, dist: BaseDistribution) -> Any:
-    # Through the public suggest_* methods: Ray's OptunaSearch records exactly those calls.
-    if isinstance(dist, FloatDistribution):
-        return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
-    if isinstance(dist, IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
-    assert isinstance(dist, CategoricalDistribution)
-    return trial.suggest_categorical(name, dist.choices)
-
-
-def _contains(dist: BaseDistribution, value: Any) -> bool:
-    if isinstance(dist, CategoricalDistribution):
-        return value in dist.choices
-    assert isinstance(dist, FloatDistribution | IntDistribution)
-    if not dist.low <= value <= dist.high:
-        return False
-    steps = (value - dist.low) / dist.step if dist.step else 0
-    return abs(steps - round(steps)) < 1e-8
-
-
-def _fixed(spec: Spec) -> bool:
-    return not isinstance(spec, BaseDistribution)
-
-
 # ---------------------------------------------------------------------------------------------
 # Field lookup and messages
-
-
-def _kind(hint: Any) -> str:
-    """int, float, bool or str for a scalar field (None allowed), else structured."""
-    args = [hint]
-    if typing.get_origin(hint) in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if len(args) == 1 and args[0] in (int, float, bool, str):
-        return str(args[0].__name__)
-    return "structured"
 
 
 def _common_field(
@@ -486,7 +342,7 @@ def _common_field(
         prefix = ".".join(segments[:depth])
         if segment not in fields:
             known = [f"{prefix}.{f}" if prefix else f for f in fields]
-            return _unknown(where, value, key, known, "not a TrialConfig field")
+            return unknown(where, value, key, known, "not a TrialConfig field")
         hint = typing.get_type_hints(cls)[segment]
         last = depth == len(segments) - 1
         if dataclasses.is_dataclass(hint) and last:
@@ -513,18 +369,8 @@ def _branch_key(key: str, value: Any, chosen: str, param: str) -> Problem | None
 
 def _not_a_param(where: str, value: Any, name: str, param: str) -> Problem:
     fields = list(strategies.REGISTRY[name]().params())
-    fix = _close(param, fields) or f"{name} takes {', '.join(fields) or 'no parameters'}"
+    fix = close_match(param, fields) or f"{name} takes {', '.join(fields) or 'no parameters'}"
     return Problem(where, value, f"not a parameter of {name}", fix)
-
-
-def _unknown(where: str, value: Any, name: Any, known: typing.Iterable[str], what: str) -> Problem:
-    known = list(known)
-    return Problem(where, value, what, _close(str(name), known) or f"known: {', '.join(known)}")
-
-
-def _close(name: str, known: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=2)
-    return f"did you mean {' or '.join(close)}?" if close else ""
 
 
 def _locate(problem: Problem, lines: Mapping[str, int], source: str) -> Problem:

@@ -11,8 +11,7 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,117 +19,27 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from unfreeze_hpo.errors import ConfigError, Problem
-from unfreeze_hpo.params import build, param
-from unfreeze_hpo.signals import NEUTRAL_METRICS
+from unfreeze_hpo.params import build
+from unfreeze_hpo.registry import Registry
+from unfreeze_hpo.search.rules import (
+    AshaSettings,
+    SpikeRule,
+    count_text,
+    is_index,
+    metric_value,
+    number_text,
+    spike_verdict,
+)
 
 logger = logging.getLogger(__name__)
 
 # Written next to Ray's experiment state (the driver staging dir, synced to the experiment dir):
 # Ray 2.60 never checkpoints the scheduler itself, so this file is how reasons survive a restore.
 REASONS_FILE = "prune_reasons.json"
-SCHEDULERS = ("asha", "fifo")
-
-
-@dataclass(frozen=True)
-class SpikeRule:
-    """Thresholds; a trial is stopped when its latest unfreeze event's window exceeds one."""
-
-    max_loss_ratio: float = param(
-        3.0, gt=1, help="max train loss / pre-event baseline in the window that stops the trial"
-    )
-    max_grad_ratio: float = param(
-        50.0, gt=1, help="max grad norm / pre-event baseline in the window that stops the trial"
-    )
-    max_nonfinite: int = param(1, ge=1, help="non-finite steps in the window that stop the trial")
-    require_recovery: bool = param(
-        True, help="stop when the window ended without the loss recovering"
-    )
-    window_steps: int = param(
-        20, ge=1, help="the trials' signals.window_steps; a reported spike_window_steps wins"
-    )
-    min_window_fraction: float = param(
-        1.0, gt=0, le=1, help="share of the window to observe before a missing recovery counts"
-    )
-    max_val_drop: float | None = param(
-        None, gt=0, help="validation drop across the event that stops the trial; none: off"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The verdict: a pure function of one reported result
-
-
-def spike_verdict(result: Mapping[str, Any], rule: SpikeRule) -> str | None:
-    """The prune reason for this result, or None.
-
-    Judges the latest unfreeze event only (earlier ones were judged when they were latest).
-    Missing metrics read as their neutral values, so a result without an event never prunes.
-    """
-    if _value(result, "spike_events") < 1:
-        return None
-    where = _where(result)
-    nonfinite = _value(result, "spike_nonfinite")
-    if nonfinite >= rule.max_nonfinite:
-        plural = "" if nonfinite == 1 else "s"
-        return f"{_count(nonfinite)} non-finite step{plural} {where}"
-    loss = _value(result, "spike_loss_ratio")
-    if loss > rule.max_loss_ratio:
-        return f"loss x{_num(loss)} over baseline {where}"
-    grad = _value(result, "spike_grad_ratio")
-    if grad > rule.max_grad_ratio:
-        return f"grad norm x{_num(grad)} over baseline {where}"
-    steps = _unrecovered_steps(result, rule) if rule.require_recovery else None
-    if steps is not None:
-        return f"loss not back under baseline within {_count(steps)} steps {where}"
-    drop = _value(result, "spike_val_drop")
-    if rule.max_val_drop is not None and drop > rule.max_val_drop:
-        return f"validation metric down {_num(drop)} {where}"
-    return None
-
-
-def _value(result: Mapping[str, Any], key: str, default: float | None = None) -> float:
-    """A reported number; absent or not a number reads as the neutral value."""
-    neutral = NEUTRAL_METRICS.get(key, -1.0) if default is None else default
-    try:
-        return float(result.get(key, neutral))
-    except (TypeError, ValueError):
-        return neutral
-
-
-def _unrecovered_steps(result: Mapping[str, Any], rule: SpikeRule) -> float | None:
-    """Window steps spent above the baseline, once enough of the window was seen; else None.
-
-    While not recovered, signals report spike_recovery_steps = window steps seen so far, so a
-    window still open (recovery still possible) is never judged.
-    """
-    if _value(result, "spike_recovered") > 0.5:
-        return None  # recovered, or no baseline to recover to
-    steps = _value(result, "spike_recovery_steps")
-    window = _value(result, "spike_window_steps", float(rule.window_steps))
-    # round() first: 0.3 * 20 is 6.000000000000001 and must need 6 steps, not 7.
-    needed = math.ceil(round(rule.min_window_fraction * window, 9))
-    return steps if steps >= needed else None
-
-
-def _where(result: Mapping[str, Any]) -> str:
-    block, epoch = _value(result, "spike_event_block"), _value(result, "spike_event_epoch")
-    if _is_index(block) and _is_index(epoch):
-        return f"after unfreezing block {int(block)} at epoch {int(epoch)}"
-    if _is_index(epoch):
-        return f"after the unfreeze at epoch {int(epoch)}"
-    return "after the latest unfreeze"
-
-
-def _is_index(value: float) -> bool:
-    return math.isfinite(value) and value >= 0
-
-
-def _num(value: float) -> str:
-    return f"{value:.3g}"
-
-
-def _count(value: float) -> str:
-    return str(int(value)) if math.isfinite(value) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +55,7 @@ def _reached_max_t(base: Any, result: Mapping[str, Any]) -> bool:
     if not isinstance(base, AsyncHyperBandScheduler):
         return False
     time_attr = getattr(base, "_time_attr", "training_iteration")
-    now = _value(result, time_attr, -math.inf)
+    now = metric_value(result, time_attr, -math.inf)
     return bool(getattr(base, "_stop_last_trials", True)) and now >= getattr(base, "_max_t", 0)
 
 
@@ -172,8 +81,8 @@ def _rung_reason(base: Any, trial: Trial, result: Mapping[str, Any]) -> str | No
                 return None
             side = "below" if sign > 0 else "above"
             return (
-                f"asha: {metric} {_num(value)} {side} the rung cutoff {_num(sign * cutoff)} "
-                f"at {_when(result)}"
+                f"asha: {metric} {number_text(value)} {side} the rung cutoff "
+                f"{number_text(sign * cutoff)} at {_when(result)}"
             )
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
@@ -181,10 +90,10 @@ def _rung_reason(base: Any, trial: Trial, result: Mapping[str, Any]) -> str | No
 
 
 def _when(result: Mapping[str, Any]) -> str:
-    epoch = _value(result, "epoch")
-    if _is_index(epoch):
+    epoch = metric_value(result, "epoch")
+    if is_index(epoch):
         return f"epoch {int(epoch)}"
-    return f"iteration {_count(_value(result, 'training_iteration'))}"
+    return f"iteration {count_text(metric_value(result, 'training_iteration'))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,22 +275,47 @@ class SpikeAwareScheduler(TrialScheduler):
 # Construction from config values
 
 
-def spike_rule_from_dict(values: Mapping[str, Any] | None) -> SpikeRule:
-    """SpikeRule from YAML/CLI values; every problem at once as ConfigError (pruning.<field>)."""
+def _asha(
+    *, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float
+) -> TrialScheduler:
     problems: list[Problem] = []
-    rule = build(SpikeRule, values, "pruning", problems)
-    if problems or rule is None:
+    values = {"grace_period": grace_period, "reduction_factor": reduction_factor}
+    asha = build(AshaSettings, values, "pruning", problems)
+    if not isinstance(max_t, int) or isinstance(max_t, bool) or max_t < 1:
+        problems.append(Problem("pruning.max_t", max_t, "must be an integer >= 1", "e.g. 10"))
+    elif _greater(grace_period, max_t):
+        problems.append(
+            Problem("pruning.grace_period", grace_period, f"exceeds max_t ({max_t})", "lower it")
+        )
+    if problems or asha is None:
         raise ConfigError(problems)
-    return rule
+    return AsyncHyperBandScheduler(
+        time_attr="training_iteration",
+        metric=metric,
+        mode=mode,
+        max_t=max_t,
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
 
 
-@dataclass(frozen=True)
-class _AshaArgs:
-    """ASHA's arguments checked as config: ASHA only asserts them (gone under python -O)."""
+def _fifo(*, metric: str, mode: str, **_: Any) -> TrialScheduler:
+    return FIFOScheduler()
 
-    max_t: int = param(100, ge=1, help="training iterations (epochs) a trial runs at most")
-    grace_period: int = param(1, ge=1, help="iterations before a trial can be stopped")
-    reduction_factor: float = param(4.0, gt=1, help="1 / share of trials promoted at a rung")
+
+# The schedulers the spike rule wraps (``--scheduler NAME``): a factory taking the search's metric
+# and mode and ASHA's settings (a scheduler without rungs ignores them), raising ConfigError.
+SchedulerFactory = Callable[..., TrialScheduler]
+SCHEDULERS: Registry[SchedulerFactory] = Registry("scheduler")
+
+
+def register_scheduler(name: str, factory: SchedulerFactory) -> SchedulerFactory:
+    """Add a scheduler the spike rule can wrap (a name is registered once)."""
+    return SCHEDULERS.add(name, factory)
+
+
+register_scheduler("asha", _asha)
+register_scheduler("fifo", _fifo)
 
 
 def make_scheduler(
@@ -393,37 +327,37 @@ def make_scheduler(
     max_t: int,
     grace_period: int,
     reduction_factor: float,
-) -> TrialScheduler:
-    """The spike-aware scheduler over ASHA (rungs in training iterations = epochs) or FIFO.
+) -> SpikeAwareScheduler:
+    """The spike-aware scheduler over the registered scheduler ``kind`` (ASHA: rungs in
+    training iterations = epochs).
 
     ``rule`` None uses SpikeRule's defaults. Bad values raise ConfigError (``pruning.<field>``).
     """
     problems: list[Problem] = []
     if kind not in SCHEDULERS:
-        close = difflib.get_close_matches(str(kind).lower(), SCHEDULERS, n=1)
+        close = difflib.get_close_matches(str(kind).lower(), list(SCHEDULERS), n=1)
         fix = f"did you mean {close[0]}?" if close else f"use one of {', '.join(SCHEDULERS)}"
         problems.append(Problem("pruning.scheduler", kind, "unknown scheduler", fix))
     if mode not in ("min", "max"):
         problems.append(Problem("mode", mode, "unknown mode", "use max or min"))
-    values = {"max_t": max_t, "grace_period": grace_period, "reduction_factor": reduction_factor}
-    asha = build(_AshaArgs, values, "pruning", problems) if kind == "asha" else None
-    if kind == "asha" and _greater(grace_period, max_t):
-        problems.append(
-            Problem("pruning.grace_period", grace_period, f"exceeds max_t ({max_t})", "lower it")
-        )
-    if problems:
+    base = None
+    if not problems:  # a factory may assert on what was refused above (ASHA does)
+        try:
+            base = SCHEDULERS[kind](
+                metric=metric,
+                mode=mode,
+                max_t=max_t,
+                grace_period=grace_period,
+                reduction_factor=reduction_factor,
+            )
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems or base is None:
         raise ConfigError(problems)
-    if asha is None:
-        return SpikeAwareScheduler(rule, FIFOScheduler(), metric=metric, mode=mode)
-    base = AsyncHyperBandScheduler(
-        time_attr="training_iteration",
-        metric=metric,
-        mode=mode,
-        max_t=asha.max_t,
-        grace_period=asha.grace_period,
-        reduction_factor=asha.reduction_factor,
-    )
-    return SpikeAwareScheduler(rule, base)
+    scheduler = SpikeAwareScheduler(rule, base)
+    if scheduler.metric is None:  # a base without a metric of its own (FIFO): the rule's
+        scheduler.set_search_properties(metric, mode)
+    return scheduler
 
 
 def _greater(a: Any, b: Any) -> bool:

@@ -1,24 +1,27 @@
 """Drive gradual unfreezing in your own training loop, from an exported schedule or a strategy.
 
-``Unfreezer`` owns the optimizer (built once, one param group per block) and the plan: call
-``on_epoch_start`` / ``step`` / ``on_epoch_end`` from any PyTorch loop.
+``Unfreezer`` owns the optimizer (built once, one param group per block), the plan and the LR
+schedule: call ``on_epoch_start`` / ``step`` / ``on_epoch_end`` from any PyTorch loop. Every
+trial of a search runs through it too (``train.run``), so a schedule behaves in a user's loop as
+it did in the search. No YAML here but in ``from_schedule``, which reads an exported file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from unfreeze_hpo import config as config_module
 from unfreeze_hpo.blocks import Blocks, discover
-from unfreeze_hpo.config import ScheduleConfig, TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.freezing import Freezer, Status, build_optimizer
-from unfreeze_hpo.strategies import Strategy
-from unfreeze_hpo.train import lr_schedule
+from unfreeze_hpo.lr import ScheduleConfig, lr_schedule
+from unfreeze_hpo.strategies import Plan, Strategy
+
+if TYPE_CHECKING:
+    from unfreeze_hpo.config import TrialConfig
 
 
 class Unfreezer:
@@ -75,8 +78,10 @@ class Unfreezer:
     def from_schedule(
         cls, schedule: str | Path | TrialConfig, model: nn.Module, *, steps_per_epoch: int
     ) -> Unfreezer:
-        """Everything but the model from an exported schedule (or any trial YAML)."""
-        cfg = config_module.load(schedule) if isinstance(schedule, str | Path) else schedule
+        """Everything but the model from an exported schedule (or any trial YAML, or config)."""
+        from unfreeze_hpo import config
+
+        cfg = config.load(schedule) if isinstance(schedule, str | Path) else schedule
         opt = cfg.optimizer
         return cls(
             model,
@@ -95,6 +100,11 @@ class Unfreezer:
             frozen_norm_eval=cfg.frozen_norm_eval,
             metric=cfg.monitor,
         )
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in force (None before the first ``on_epoch_start``)."""
+        return self.freezer.plan
 
     def on_epoch_start(self, epoch: int) -> list[str]:
         """Put the model in train mode under this epoch's plan; returns newly unfrozen blocks."""

@@ -24,9 +24,9 @@ import ray
 import torch
 from ray import tune
 
-from unfreeze_hpo import train, trialdir
+from unfreeze_hpo import embedded, train, trialdir
 from unfreeze_hpo.config import TrialConfig, from_dict
-from unfreeze_hpo.space import SearchSpace
+from unfreeze_hpo.search.space import SearchSpace
 
 CARRIED = trialdir.CARRIED  # what a Ray checkpoint of a trial holds
 FAILED = "failed.json"  # the TrialFailed that ended an earlier attempt of the trial
@@ -78,6 +78,7 @@ def run_trial(
             resume=resume,
             log=lambda line: print(line, file=log_file, flush=True),
             trial_id=context.get_trial_id(),
+            weights=embedded.weights_for(cfg, log=lambda line: print(line, file=log_file)),
         )
     except train.TrialFailed as failed:
         record = {k: getattr(failed, k) for k in ("reason", "detail", "epoch", "step")}

@@ -1,0 +1,271 @@
+"""A search: Ray Tune runs the trials, OptunaSearch samples them, a spike-aware scheduler prunes.
+
+The searcher keeps its state in Ray's experiment snapshot, so ``Tuner.restore`` resumes it; the
+durable Optuna study (SQLite by default) is written by a driver-side callback when a trial ends,
+once per Ray trial id, so it never holds a RUNNING trial and a restore never writes twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.search.optuna import OptunaSearch
+
+import unfreeze_hpo
+from unfreeze_hpo import storage
+from unfreeze_hpo.config import TrialConfig
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
+from unfreeze_hpo.search import trackers
+from unfreeze_hpo.search.inputs import check_inputs, check_storage, load_inputs, write_inputs
+from unfreeze_hpo.search.options import SearchConfig
+from unfreeze_hpo.search.progress import ProgressPrinter
+from unfreeze_hpo.search.pruning import make_scheduler
+from unfreeze_hpo.search.recorder import StudyRecorder
+from unfreeze_hpo.search.space import SearchSpace
+from unfreeze_hpo.search.trainable import run_trial
+from unfreeze_hpo.train import Log
+
+
+@dataclass
+class SearchOutcome:
+    folder: str  # an absolute local path or a URI
+    study_url: str
+    study_name: str
+    best: optuna.trial.FrozenTrial | None
+    counts: dict[str, int]
+    interrupted: bool = False  # stopped (Ctrl-C) before every trial ended: run it again
+
+
+def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
+    """Run (or resume) the search ``cfg`` describes and return where its results are."""
+    base, space = load_inputs(cfg)
+    problems = check_storage(cfg) or check_inputs(cfg, base, space)
+    if problems := problems + trackers.problems(cfg.trackers):
+        raise ConfigError(problems)
+    # Storage, database and cluster are all checked before anything is written.
+    if why := storage.unreachable(cfg.location):
+        fix = "check the bucket exists and this machine's credentials can write to it"
+        raise ConfigError(Problem("storage_path", cfg.storage_path, f"cannot use it: {why}", fix))
+    if cfg.study_storage and (problem := storage.connect_problem(cfg.study_storage)):
+        raise ConfigError(problem)
+    if cfg.preflight:
+        _preflight(base, log)
+    _start_ray(cfg)
+    # Which code the trials run: on a cluster, the copy a submitted job ships (see jobs.submit).
+    package = Path(unfreeze_hpo.__file__).parent
+    log(f"unfreeze-hpo {unfreeze_hpo.__version__} from {package}, Ray {ray.__version__}")
+    if cfg.resource_check:  # trials no node can hold would wait forever
+        log(check_resources(cfg, _alive_nodes()))
+    try:  # what results need to rebuild a trial's full config; also proves we can write there
+        write_inputs(cfg, base, space)
+    except OSError as exc:  # pyarrow's errors for a missing bucket or no permission are OSErrors
+        why = f"cannot write {cfg.location} ({type(exc).__name__}: {exc})"
+        fix = "check the path or bucket exists and this machine's credentials can write to it"
+        raise ConfigError(Problem("storage_path", cfg.storage_path, why, fix)) from exc
+    if base.model.pretrain_on_source:  # once here, rather than every trial waiting on the lock
+        from unfreeze_hpo.embedded import source_checkpoint
+
+        source_checkpoint(base, log)
+    base_values = base.to_dict()
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base_values,
+            space=space,
+            metric=cfg.metric,
+            threads=max(1, int(cfg.cpus_per_trial)),
+        ),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+    )
+    path = storage.join(cfg.location, "ray")
+    resumed = tune.Tuner.can_restore(path)
+    if resumed:  # with the callbacks (and trackers) it started with
+        log(f"resuming the search in {cfg.location}")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = _new_tuner(cfg, base, space, trainable)
+        if cfg.trackers:
+            log(f"trackers: {', '.join(cfg.trackers)}, under {_tracker_folder(cfg)}")
+    started = time.perf_counter()
+    with _only_our_loggers(not resumed):
+        tuner.fit()
+    elapsed = time.perf_counter() - started
+    result = outcome(cfg)
+    ended = sum(result.counts.values())
+    out_of_time = cfg.time_budget_s is not None and elapsed >= cfg.time_budget_s
+    if ended < cfg.num_trials and not out_of_time:
+        log(f"search interrupted after {elapsed:.0f}s: {ended} of {cfg.num_trials} trials ended")
+        return dataclasses.replace(result, interrupted=True)
+    log(f"search finished in {elapsed:.0f}s")
+    return result
+
+
+def outcome(cfg: SearchConfig) -> SearchOutcome:
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
+    best = study.best_trial if counts["complete"] else None  # optuna knows the direction
+    return SearchOutcome(cfg.location, cfg.study_url, cfg.name, best, counts)
+
+
+def _new_tuner(
+    cfg: SearchConfig, base: TrialConfig, space: SearchSpace, trainable: Any
+) -> tune.Tuner:
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed,
+        multivariate=True,
+        constant_liar=True,
+        n_startup_trials=min(8, cfg.num_trials),
+    )
+    recipes = [flat for _, flat in space.recipes()] if cfg.recipes else None
+    searcher = OptunaSearch(
+        space=space.define_by_run,
+        sampler=sampler,
+        points_to_evaluate=recipes or None,
+        seed=cfg.seed,
+        # A define-by-run space refuses Tune's set_search_properties: metric and mode go here.
+        metric=cfg.metric,
+        mode=cfg.mode,
+    )
+    scheduler = make_scheduler(
+        cfg.scheduler,
+        dataclasses.replace(cfg.pruning, window_steps=base.signals.window_steps),
+        metric=cfg.metric,
+        mode=cfg.mode,
+        max_t=base.epochs,
+        grace_period=min(cfg.asha.grace_period, base.epochs),
+        reduction_factor=cfg.asha.reduction_factor,
+    )
+    recorder = StudyRecorder(
+        cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler, epochs=base.epochs
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=cfg.metric,
+            mode=cfg.mode,
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=cfg.num_trials,
+            max_concurrent_trials=cfg.max_concurrent,
+            time_budget_s=cfg.time_budget_s,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="ray",
+            storage_path=cfg.location,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[
+                # Ray's per-trial result files (the results read them); TensorBoard on request.
+                CSVLoggerCallback(),
+                JsonLoggerCallback(),
+                recorder,
+                ProgressPrinter(cfg.metric, cfg.num_trials, scheduler),
+                *trackers.callbacks(cfg.trackers, experiment=cfg.name, folder=_tracker_folder(cfg)),
+            ],
+            verbose=0,
+        ),
+    )
+
+
+def _preflight(base: TrialConfig, log: Log) -> None:
+    from unfreeze_hpo.preflight import preflight
+
+    log("preflight: overfitting 16 training samples before any trial ...")
+    result = preflight(
+        base.replace(model=dataclasses.replace(base.model, pretrain_on_source=False)),
+        log=lambda _: None,
+    )
+    log(result.report())
+    if not result.passed:
+        raise PreflightFailed(result.report())
+
+
+class PreflightFailed(UnfreezeHPOError):
+    """The overfit check failed: the search does not start."""
+
+
+def _tracker_folder(cfg: SearchConfig) -> Path:
+    """Where the trackers write: the search folder, or for a URI a folder on this machine."""
+    return storage.cache_dir() / "trackers" / cfg.name if cfg.remote else cfg.folder
+
+
+@contextlib.contextmanager
+def _only_our_loggers(on: bool) -> Iterator[None]:
+    """Keep Ray from adding its default loggers (TensorBoard among them) to a new search, whose
+    callbacks name the ones it writes. A resumed search runs with the callbacks it was saved
+    with and Ray's defaults (one saved by an older version has no loggers of its own)."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(key)
+    if on:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
+
+
+def _start_ray(cfg: SearchConfig) -> None:
+    # Ray's own progress output and snapshot warnings would drown the search's lines.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+
+
+def check_resources(cfg: SearchConfig, nodes: list[dict[str, float]]) -> str:
+    """How many trials the cluster's ``nodes`` (Ray resource dicts) fit at once, as a line to
+    print; a ConfigError when no node fits one, since such trials would wait forever."""
+    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    fits = [
+        math.floor(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9)
+        for node in nodes
+    ]
+    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
+    have = f"{len(nodes)} node(s) with {total['CPU']:g} CPUs and {total['GPU']:g} GPUs in all"
+    if not any(fits):
+        per_node = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+        most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+        field = "gpus_per_trial" if cfg.gpus_per_trial > most_gpus else "cpus_per_trial"
+        value = getattr(cfg, field)
+        why = (
+            f"no node of the cluster fits one trial ({cfg.cpus_per_trial:g} CPU, "
+            f"{cfg.gpus_per_trial:g} GPU): {have} ({per_node})"
+        )
+        fix = (
+            "lower --cpus-per-trial / --gpus-per-trial, connect to a cluster with such nodes "
+            "(--address), or pass --no-resource-check if an autoscaler adds them on demand"
+        )
+        raise ConfigError(Problem(field, value, why, fix))
+    at_once = sum(fits)
+    line = f"cluster: {have}; {at_once} trial(s) fit at once"
+    if at_once < cfg.max_concurrent:
+        line += f" (fewer than --max-concurrent {cfg.max_concurrent})"
+    return line
