@@ -120,3 +120,17 @@ def test_bf16_trains_without_a_scaler(tmp_path: Path) -> None:
     assert summary.final["skipped_total"] == 0 and summary.final["amp_skipped_total"] == 0
     assert summary.final["drift_stuck_groups"] == 0
     assert torch.isfinite(torch.tensor(summary.final["train_loss"]))
+
+
+def test_the_loop_refuses_an_embedded_config_without_its_pretrained_weights(
+    tmp_path: Path,
+) -> None:
+    cfg = cfg_at(tmp_path)
+    assert cfg.model.pretrain_on_source
+    with pytest.raises(ConfigError) as caught:
+        train.setup(cfg, log=lambda _: None)
+    (problem,) = caught.value.problems
+    assert problem.field == "model.pretrain_on_source"
+    assert "weights_for" in problem.fix
+    plain = cfg.replace(model=dataclasses.replace(cfg.model, pretrain_on_source=False))
+    assert embedded.weights_for(plain) is None  # nothing to pretrain, nothing trained

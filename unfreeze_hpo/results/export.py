@@ -177,7 +177,6 @@ class Exporter:
     help: str
     write: Callable[..., Exported]
     options: tuple[str, ...] = ()  # keyword options beyond the common ones (e.g. fts_prefix)
-    suffix: str = ".yaml"
 
 
 EXPORTERS: Registry[Exporter] = Registry("export format")

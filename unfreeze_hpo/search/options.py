@@ -110,11 +110,6 @@ class SearchOption:
     def default(self) -> Any:
         return self.field.default
 
-    def get(self, cfg: Any) -> Any:
-        for part in self.path.split("."):
-            cfg = getattr(cfg, part)
-        return cfg
-
 
 # The flags whose name is not the field's own. A boolean that defaults to true is turned off by
 # --no-<flag>.
