@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from unfreeze_hpo.search import trackers
+from unfreeze_hpo.search.options import SearchConfig
 
 EXPERIMENT = "demo"
 EPOCHS = 4
@@ -120,15 +121,19 @@ def wandb_server() -> Iterator[list[str]]:
     listener.close()
 
 
-def test_parse_splits_dedupes_and_keeps_order() -> None:
-    assert trackers.parse("tensorboard, MLflow,tensorboard,,") == ("tensorboard", "mlflow")
-    assert trackers.parse(["wandb,mlflow", "wandb"]) == ("wandb", "mlflow")
-    assert trackers.parse("") == ()
-    assert trackers.parse([]) == ()
+def names(log_to: str | None) -> tuple[str, ...]:
+    return SearchConfig(log_to=log_to).trackers
+
+
+def test_log_to_splits_dedupes_and_keeps_order() -> None:
+    assert names("tensorboard, MLflow,tensorboard,,") == ("tensorboard", "mlflow")
+    assert names("wandb,mlflow,wandb") == ("wandb", "mlflow")
+    assert names("") == ()
+    assert names(None) == ()
 
 
 def test_unknown_name_is_one_problem_listing_the_known_ones() -> None:
-    found = trackers.problems(trackers.parse("tensorboard,comet,tensorboard"))
+    found = trackers.problems(names("tensorboard,comet,tensorboard"))
     assert len(found) == 1
     problem = found[0]
     assert (problem.field, problem.value) == ("log_to", "comet")

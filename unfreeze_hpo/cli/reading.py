@@ -106,8 +106,6 @@ def export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unfreeze_hpo import results
     from unfreeze_hpo.results import export, fts
 

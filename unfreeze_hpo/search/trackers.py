@@ -52,16 +52,6 @@ _MLFLOW_BAD = re.compile(r"[^\w\-. :]")
 _MLFLOW_KEY_LENGTH = 250
 
 
-def parse(text: str | Sequence[str]) -> tuple[str, ...]:
-    """Tracker names from ``"tensorboard,mlflow"`` (or several such strings), in order, once each.
-
-    Names are lower-cased and stripped; empty items are dropped, so ``""`` gives ``()``.
-    """
-    items = [text] if isinstance(text, str) else list(text)
-    names = (name.strip().lower() for item in items for name in item.split(","))
-    return tuple(dict.fromkeys(name for name in names if name))
-
-
 def problems(names: Sequence[str], *, installed: bool = True) -> list[Problem]:
     """What stops these trackers from running: unknown names, and (with ``installed``) tracker
     packages missing here (a search submitted to a cluster needs them on its head only)."""
