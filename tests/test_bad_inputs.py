@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from support import TINY_BASE, run, write
 
 from unfreeze_hpo import config, strategies, train, yamlfile
-from unfreeze_hpo.config import METRICS, TrialConfig
+from unfreeze_hpo.config import METRICS, SEARCH_METRICS, TEST_METRICS, TrialConfig
 from unfreeze_hpo.errors import ConfigError
 from unfreeze_hpo.search.space import SearchSpace, load_space, space_from_dict
 from unfreeze_hpo.yamlfile import MAX_YAML_BYTES
@@ -225,7 +225,8 @@ def test_a_metric_the_trials_never_report_is_refused_with_the_list(
     problem = the_problem(
         lines, "--metric: unknown value (got 'val_accuracy')", "did you mean val_acc"
     )
-    assert f"use one of {', '.join(METRICS)}" in problem
+    assert f"use one of {', '.join(SEARCH_METRICS)}" in problem
+    assert "test_acc" not in problem  # the test split is reported, never selected on
 
 
 def test_the_metric_names_are_the_ones_a_trial_reports(tmp_path: Path) -> None:
@@ -241,7 +242,7 @@ def test_the_metric_names_are_the_ones_a_trial_reports(tmp_path: Path) -> None:
     reported: list[dict[str, float]] = []
     train.run(cfg, lambda metrics, _: reported.append(metrics), log=lambda _: None)
     names = {k for k in reported[0] if not k.startswith("lr/")}
-    assert names == set(METRICS)
+    assert names == set(METRICS) - set(TEST_METRICS)  # this data has no test split
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 
 from unfreeze_hpo.blocks import Blocks, discover
 from unfreeze_hpo.errors import AuditError, ConfigError
-from unfreeze_hpo.freezing import Freezer, build_optimizer
+from unfreeze_hpo.freezing import Freezer, build_optimizer, no_decay_names
 from unfreeze_hpo.models import ModelSpec, build
 from unfreeze_hpo.strategies import Plan, create, lr_scales
 
@@ -131,22 +131,60 @@ def same(a: Any, b: Any) -> bool:
 
 @pytest.mark.parametrize("opt", [ADAMW, SGD], ids=["adamw", "sgd"])
 @pytest.mark.parametrize("which", ["resnet3d_tiny", "regex"])
-def test_optimizer_has_one_group_per_block_and_head(
+def test_optimizer_has_a_decay_and_a_no_decay_group_per_block_and_head(
     which: str, opt: tuple[str, dict[str, Any]], template: nn.Module
 ) -> None:
     model, blocks = tiny() if which == "regex" else (template, discover(template))
     name, options = opt
     optimizer = build_optimizer(model, blocks, name, **options)
+    excluded = no_decay_names(model)
 
     groups = optimizer.param_groups
-    assert [g["name"] for g in groups] == [b.name for b in blocks.blocks] + ["head"]
-    for group, part in zip(groups, (*blocks.blocks, blocks.head), strict=True):
-        assert [id(p) for p in group["params"]] == [id(p) for p in params_of(model, part.params)]
-        assert group["lr"] == 0.0
-        assert all(group[k] == v for k, v in options.items())
+    assert [g["name"] for g in groups if g["decay"]] == [b.name for b in blocks.blocks] + ["head"]
+    for part in (*blocks.blocks, blocks.head):
+        pair = [g for g in groups if g["name"] == part.name]
+        assert [g["decay"] for g in pair] == [True, False][: len(pair)]
+        members = {id(p) for g in pair for p in g["params"]}
+        assert members == {id(p) for p in params_of(model, part.params)}
+        for group in pair:
+            names = {
+                n
+                for n in part.params
+                if id(dict(model.named_parameters())[n]) in {id(p) for p in group["params"]}
+            }
+            assert names.isdisjoint(excluded) if group["decay"] else names <= excluded
+            assert group["lr"] == 0.0
+            wd = options.get("weight_decay", 0.0) if group["decay"] else 0.0
+            assert group["weight_decay"] == wd
+            assert all(group[k] == v for k, v in options.items() if k != "weight_decay")
     counts = Counter(id(p) for g in groups for p in g["params"])
     assert counts == Counter(id(p) for p in model.parameters())
     assert set(counts.values()) == {1}
+
+
+def test_no_decay_follows_timm_on_a_vit_norms_biases_pos_embed_and_cls_token() -> None:
+    import timm
+    from timm.optim import param_groups_weight_decay
+
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, depth=2)
+    ours = no_decay_names(vit)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    groups = param_groups_weight_decay(vit, 0.05, no_weight_decay_list=vit.no_weight_decay())
+    theirs = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert ours == theirs
+    assert {"pos_embed", "cls_token", "blocks.0.norm1.weight", "head.bias"} <= ours
+    assert "blocks.0.attn.qkv.weight" not in ours and "head.weight" not in ours
+
+
+def test_a_blocks_decay_and_no_decay_groups_share_its_lr(model: nn.Module, blocks: Blocks) -> None:
+    freezer = freezer_for(model, blocks, ADAMW)
+    freezer.apply(last(blocks, 2), step=3)
+    by_name: dict[str, set[float]] = {}
+    for group in freezer.optimizer.param_groups:
+        by_name.setdefault(group["name"], set()).add(group["lr"])
+    assert all(len(lrs) == 1 for lrs in by_name.values())
+    assert freezer.lrs() == {name: lrs.pop() for name, lrs in by_name.items()}
+    assert sum(g["decay"] is False for g in freezer.optimizer.param_groups) > 1
 
 
 def test_optimizer_rejects_unknown_name_and_bad_arguments(model: nn.Module, blocks: Blocks) -> None:

@@ -91,7 +91,7 @@ def discover_spec(
     """Blocks of the model ``spec`` names, built on the meta device: no weights are allocated,
     loaded or downloaded, so this is cheap for any model size (names and sizes do not depend on
     weights, nor on the classifier's size)."""
-    spec = dataclasses.replace(spec, pretrained=False, checkpoint=None)
+    spec = dataclasses.replace(spec, pretrained=False, checkpoint=None, pretrained_file=None)
     with torch.device("meta"):
         model = build(spec)
     return discover(model, granularity, matcher)

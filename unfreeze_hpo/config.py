@@ -22,11 +22,14 @@ from unfreeze_hpo.params import build, param
 from unfreeze_hpo.strategies import Strategy
 from unfreeze_hpo.yamlfile import is_file, locate_problem, parse_yaml, plain, read_yaml_text
 
+# Reported only when the data has a test split: measured on data the search does not choose on.
+TEST_METRICS = ("test_acc", "test_loss", "test_acc_at_best")
 # What a trial reports every epoch (train.run; besides lr/<group>): the names --metric may take.
 METRICS = (
     "best_val_acc",
     "val_acc",
     "val_loss",
+    *TEST_METRICS,
     "train_loss",
     "grad_norm",
     "grad_norm_max",
@@ -49,12 +52,17 @@ METRICS = (
     "step",
     "epoch_seconds",
 )
+# What a search may select on: never the test split, which it reports but does not choose on.
+SEARCH_METRICS = tuple(m for m in METRICS if m not in TEST_METRICS)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = param("pytorchvideo:resnet3d_tiny", help="timm:<name> or pytorchvideo:<name>")
     pretrained: bool = param(False, help="load the hub's pretrained weights (needs network)")
+    pretrained_file: str | None = param(
+        None, help="timm: local pretrained weights, loaded as timm loads hub weights"
+    )
     checkpoint: str | None = param(None, help="local weights: a torch state dict file")
     pretrain_on_source: bool = param(
         False, help="pretrain on the synthetic source task first (cached on disk)"
@@ -65,7 +73,14 @@ class ModelConfig:
     matcher: dict[str, Any] | None = param(None, help="timm-style regex blocks for any model")
 
     def spec(self, num_classes: int) -> ModelSpec:
-        return ModelSpec(self.name, self.pretrained, self.checkpoint, num_classes, self.kwargs)
+        return ModelSpec(
+            self.name,
+            self.pretrained,
+            self.checkpoint,
+            num_classes,
+            self.kwargs,
+            pretrained_file=self.pretrained_file,
+        )
 
     def n_blocks(self) -> int | None:
         """How many blocks the model has (built on the meta device: cheap), or None when they
@@ -117,6 +132,7 @@ class TrialConfig:
     strategy: Strategy = field(default_factory=_default_strategy)
     epochs: int = param(12, ge=1, help="training epochs")
     batch_size: int = param(32, ge=1, help="samples per step")
+    label_smoothing: float = param(0.0, ge=0, le=1, help="cross-entropy label smoothing")
     amp: str = param("none", choices=("none", "bf16", "fp16"), help="mixed precision")
     device: str = param("auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when present")
     seed: int = param(0, ge=0, help="seeds model init, data order and dropout")
@@ -177,11 +193,36 @@ def from_dict(
     cfg = build(TrialConfig, values, "", problems)
     if cfg is not None:
         problems += faults.check(cfg.faults)
+        problems += _pair_checks(cfg)
     problems += _cheap_checks(values)
     if problems:
         raise ConfigError([locate_problem(p, lines or {}, source) for p in problems])
     assert cfg is not None and strategy is not None
     return dataclasses.replace(cfg, strategy=strategy)
+
+
+def _pair_checks(cfg: TrialConfig) -> list[Problem]:
+    """Rules about two fields together."""
+    problems = []
+    if (cfg.data.mixup or cfg.data.cutmix) and cfg.batch_size % 2:
+        problems.append(
+            Problem(
+                "batch_size",
+                cfg.batch_size,
+                "mixup/cutmix pair each sample with another: the batch must be even",
+                f"use batch_size {cfg.batch_size + 1}",
+            )
+        )
+    if cfg.model.pretrained_file is not None and cfg.model.pretrained:
+        problems.append(
+            Problem(
+                "model.pretrained",
+                True,
+                "and model.pretrained_file both give pretrained weights",
+                "keep one: pretrained_file for a local file, pretrained for the hub",
+            )
+        )
+    return problems
 
 
 def _cheap_checks(values: Mapping[str, Any]) -> list[Problem]:

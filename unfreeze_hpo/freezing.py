@@ -1,13 +1,15 @@
 """Apply a plan to a model and its optimizer: requires_grad, norm-layer mode, per-group LR, audit.
 
-The optimizer is built once with one param group per block plus the head, so unfreezing never
-rebuilds it or drops its state. Frozen parameters keep ``grad=None``: torch optimizers skip them,
-so they hold no optimizer state and do not move, weight decay included.
+The optimizer is built once with a pair of param groups per block plus the head's pair (with and
+without weight decay, timm's rule), so unfreezing never rebuilds it or drops its state. Frozen
+parameters keep ``grad=None``: torch optimizers skip them, so they hold no optimizer state and do
+not move, weight decay included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import fnmatch
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,19 +33,27 @@ _STATEFUL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._Ins
 def build_optimizer(
     model: nn.Module, blocks: Blocks, name: str = "adamw", **kwargs: Any
 ) -> torch.optim.Optimizer:
-    """One param group per block (named after it), then the head's group, all at LR 0 until a plan
-    is applied. ``kwargs`` go to the torch optimizer (weight_decay, momentum, betas …)."""
+    """Two param groups per block, both named after it (``decay`` True and False), then the
+    head's pair, all at LR 0 until a plan is applied. The no-decay group holds what timm and ViT
+    recipes exclude from weight decay (``no_decay_names``) at weight decay 0. ``kwargs`` go to
+    the torch optimizer (weight_decay, momentum, betas …)."""
     if name not in OPTIMIZERS:
         raise ConfigError(
             Problem(
                 "optimizer.name", name, "unknown optimizer", f"use one of {', '.join(OPTIMIZERS)}"
             )
         )
-    params = dict(unwrap(model).named_parameters())
-    groups = [
-        {"params": [params[p] for p in part.params], "name": part.name, "lr": 0.0}
-        for part in (*blocks.blocks, blocks.head)
-    ]
+    target = unwrap(model)
+    params = dict(target.named_parameters())
+    excluded = no_decay_names(target)
+    groups = []
+    for part in (*blocks.blocks, blocks.head):
+        for decay in (True, False):
+            members = [params[p] for p in part.params if (p not in excluded) == decay]
+            group = {"params": members, "name": part.name, "decay": decay, "lr": 0.0}
+            if not decay:
+                group["weight_decay"] = 0.0
+            groups.append(group)
     try:
         return OPTIMIZERS[name]([g for g in groups if g["params"]], **kwargs)
     except (TypeError, ValueError) as exc:
@@ -55,6 +65,21 @@ def build_optimizer(
                 "pass only arguments the torch optimizer takes",
             )
         ) from exc
+
+
+def no_decay_names(model: nn.Module, extra: Collection[str] = ()) -> set[str]:
+    """Parameters that take no weight decay, by timm's rule (``param_groups_weight_decay``):
+    1-d tensors (norm weights, biases, scales), ``*.bias``, and the names or patterns the model's
+    ``no_weight_decay()`` lists (``pos_embed``, ``cls_token`` …), plus ``extra``."""
+    listed = getattr(model, "no_weight_decay", None)
+    patterns = {*(listed() if callable(listed) else ()), *extra}
+    return {
+        name
+        for name, p in model.named_parameters()
+        if p.ndim <= 1
+        or name.endswith(".bias")
+        or any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
+    }
 
 
 @dataclass(frozen=True)
@@ -180,16 +205,17 @@ class Freezer:
         """Set every group's LR for ``step``: a pure function of the step and the plan."""
         assert self.plan is not None, "apply a plan first"
         base = self.base_lr(step)
-        # Looked up each time: optimizer.load_state_dict replaces the group dicts.
-        groups = {g["name"]: g for g in self.optimizer.param_groups}
-        for i, block in enumerate(self.blocks.blocks):
-            if block.name in groups:
-                groups[block.name]["lr"] = base * self.plan.lr_scales[i] * self._warmup(i, step)
-        if "head" in groups:
-            groups["head"]["lr"] = base
+        lrs = {
+            block.name: base * self.plan.lr_scales[i] * self._warmup(i, step)
+            for i, block in enumerate(self.blocks.blocks)
+        }
+        lrs[self.blocks.head.name] = base
+        # Read each time: optimizer.load_state_dict replaces the group dicts.
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["name"]]
 
     def lrs(self) -> dict[str, float]:
-        """The LR of every param group, by block name."""
+        """The LR of every block (its decay and no-decay groups share it), by block name."""
         return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
 
     def set_norm_modes(self) -> None:

@@ -57,7 +57,10 @@ def bounds_text(meta: Mapping[str, Any]) -> str:
 
 
 def check_value(where: str, value: Any, meta: Mapping[str, Any]) -> Problem | None:
-    """The bounds/choices problem of one value, if any."""
+    """The bounds/choices problem of one value, if any (None, where the type allows it, has
+    none: it means "the default")."""
+    if value is None:
+        return None
     check = meta.get("check")
     if check is not None and (found := check(value)) is not None:
         return Problem(where, value, *found)
@@ -117,6 +120,8 @@ def coerce(where: str, value: Any, annotation: Any) -> tuple[Any, Problem | None
         if isinstance(value, str):
             return value, None
         return value, Problem(where, value, "must be a string", "quote it")
+    if typing.get_origin(annotation) is tuple and isinstance(value, list | tuple):
+        return tuple(value), None  # YAML has lists; frozen configs hold tuples
     if typing.get_origin(annotation) in (dict, Mapping) or annotation in (dict, Mapping):
         if isinstance(value, Mapping):
             return dict(value), None

@@ -1,8 +1,9 @@
 """One trial: the full fine-tuning loop with gradual unfreezing, ``run(cfg, report) -> Summary``.
 
 Each epoch: the strategy's plan is applied and audited; each step trains with non-finite
-numbers skipped and counted, never sanitised; each epoch ends with validation, the drift probe,
-spike signals, a metrics line, an atomic checkpoint and a report. No Ray, YAML or pandas here.
+numbers skipped and counted, never sanitised; each epoch ends with validation (and the test
+split, when the data has one: reported, never chosen on), the drift probe, spike signals, a
+metrics line, an atomic checkpoint and a report. No Ray or pandas here.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer
-from unfreeze_hpo.models import build, load_checkpoint
+from unfreeze_hpo.models import build, load_checkpoint, model_input
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
 from unfreeze_hpo.unfreezer import Unfreezer
@@ -77,6 +78,7 @@ class LoopState:
     nonfinite_streak: int = 0  # consecutive skipped steps, across epochs
     best_val_acc: float = -math.inf
     best_epoch: int = -1
+    test_acc_at_best: float | None = None  # test accuracy at the best val epoch, if any
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Trial:
     datasets: data.Datasets
     steps_per_epoch: int
     faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
+    mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    model_input: data.ModelInput | None = None  # what the model's family says it expects
 
     @property
     def blocks(self) -> Blocks:
@@ -153,6 +157,9 @@ def run(
     )
     for note in cfg.strategy.notes(cfg.epochs, sizes):
         log(f"note: {note}")
+    prep = trial.datasets.preprocessing or data.resolve(cfg.data, trial.model_input)
+    for warning in prep.warnings():
+        log(f"warning: {warning}")
 
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
@@ -180,12 +187,16 @@ def run(
         before = _snapshot(trial)
         train = _train_epoch(trial, monitor, state, epoch, unfroze=event, log=log)
         val_loss, val_acc = evaluate(trial)
+        test = _test_metrics(trial)
         monitored = val_acc if cfg.monitor == "val_acc" else val_loss
         status = unfreezer.on_epoch_end({cfg.monitor: monitored})  # history, audit, status
         monitor.on_epoch_end(epoch, monitored)
         drift = _drift(trial, before, steps_taken=train["steps_taken"])
         if val_acc > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val_acc, epoch
+            state.test_acc_at_best = test.get("test_acc")
+        if test and state.test_acc_at_best is not None:
+            test["test_acc_at_best"] = state.test_acc_at_best
         metrics: dict[str, float] = {
             "epoch": float(epoch),
             "step": float(state.step),
@@ -193,6 +204,7 @@ def run(
             "val_loss": val_loss,
             "val_acc": val_acc,
             "best_val_acc": state.best_val_acc,
+            **test,
             "grad_norm": train["grad_norm"],
             "grad_norm_max": train["grad_norm_max"],
             "skipped_steps": train["skipped"],
@@ -237,18 +249,22 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
     """Data, model (with its weights; see ``run`` for ``weights``), blocks, optimizer and
     freezer for ``cfg``."""
     device = resolve_device(cfg.device)
-    datasets = data.load(cfg.data)
-    num_classes = cfg.model.num_classes or datasets.num_classes
-    if num_classes != datasets.num_classes:
+    classes = data.classes(cfg.data)
+    num_classes = cfg.model.num_classes or len(classes)
+    if num_classes != len(classes):
         raise ConfigError(
             Problem(
                 "model.num_classes",
                 num_classes,
-                f"the data has {datasets.num_classes} classes",
+                f"the data has {len(classes)} classes",
                 "remove model.num_classes or match the data",
             )
         )
-    model = build(cfg.model.spec(num_classes))
+    spec = cfg.model.spec(num_classes)
+    model = build(spec)
+    # The model is built first: its family says which preprocessing its weights expect.
+    expects = model_input(spec, model)
+    datasets = data.load(cfg.data, expects)
     if cfg.model.pretrain_on_source and weights is None:
         raise ConfigError(
             Problem(
@@ -261,20 +277,62 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
     if weights is not None:
         load_checkpoint(model, weights, fresh_classifier=True)
     model.to(device)
-    steps_per_epoch = math.ceil(len(datasets.train) / cfg.batch_size)  # type: ignore[arg-type]
+    mixup = _mixup(cfg, num_classes)
+    samples = len(datasets.train)  # type: ignore[arg-type]
+    # Mixup pairs samples within a batch, so a ragged last batch is dropped.
+    steps_per_epoch = samples // cfg.batch_size if mixup else math.ceil(samples / cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            Problem(
+                "batch_size",
+                cfg.batch_size,
+                f"larger than the {samples} training samples, with mixup/cutmix",
+                f"use batch_size <= {samples - samples % 2}",
+            )
+        )
     unfreezer = Unfreezer.from_schedule(cfg, model, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    return Trial(cfg, device, model, unfreezer, scaler, datasets, steps_per_epoch)
+    return Trial(
+        cfg,
+        device,
+        model,
+        unfreezer,
+        scaler,
+        datasets,
+        steps_per_epoch,
+        mixup=mixup,
+        model_input=expects,
+    )
+
+
+def _mixup(
+    cfg: TrialConfig, num_classes: int
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """timm's Mixup/CutMix with label smoothing folded into its soft targets, or None."""
+    if not (cfg.data.mixup or cfg.data.cutmix):
+        return None
+    from timm.data import Mixup
+
+    mix = Mixup(
+        mixup_alpha=cfg.data.mixup,
+        cutmix_alpha=cfg.data.cutmix,
+        label_smoothing=cfg.label_smoothing,
+        num_classes=num_classes,
+    )
+    return mix
 
 
 def train_step(
     trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, params: Sequence[nn.Parameter]
 ) -> StepOutcome:
-    """One optimizer step. A non-finite loss or gradient skips the step; nothing is sanitised."""
+    """One optimizer step. A non-finite loss or gradient skips the step; nothing is sanitised.
+
+    ``labels``: class indices, or soft targets (mixup), which carry their label smoothing."""
     optimizer, scaler = trial.optimizer, trial.scaler
     with autocast(trial):
         logits = trial.model(inputs)
-    loss = nn.functional.cross_entropy(logits.float(), labels)
+    smoothing = trial.cfg.label_smoothing if labels.ndim == 1 else 0.0
+    loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
     loss_value = loss.item()
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
@@ -304,8 +362,14 @@ def _train_epoch(
     skipped = 0
     retried = False
     event_step = state.step
+    if trial.mixup is not None:
+        # timm's Mixup draws from numpy's global generator: seeded per epoch, so a resumed run
+        # mixes as the uninterrupted one did.
+        np_random_seed(cfg.seed * 1_000_003 + epoch)
     for inputs, labels in _loader(trial, epoch):
         inputs, labels = inputs.to(trial.device), labels.to(trial.device)
+        if trial.mixup is not None:
+            inputs, labels = trial.mixup(inputs, labels)
         trial.unfreezer.step()  # this step's LRs
         try:
             if trial.faults:
@@ -366,14 +430,14 @@ def _train_epoch(
     }
 
 
-def evaluate(trial: Trial) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the validation split."""
+def evaluate(trial: Trial, split: str = "val") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the validation (or test) split."""
     model = trial.model
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
-    loader = DataLoader(
-        trial.datasets.val, batch_size=trial.cfg.batch_size, num_workers=trial.cfg.num_workers
-    )
+    dataset = trial.datasets.test if split == "test" else trial.datasets.val
+    assert dataset is not None, f"the data has no {split} split"
+    loader = DataLoader(dataset, batch_size=trial.cfg.batch_size, num_workers=trial.cfg.num_workers)
     with torch.no_grad():
         for inputs, labels in loader:
             inputs, labels = inputs.to(trial.device), labels.to(trial.device)
@@ -383,6 +447,13 @@ def evaluate(trial: Trial) -> tuple[float, float]:
             correct += int((logits.argmax(dim=1) == labels).sum())
             total += len(labels)
     return (loss_sum / total, correct / total) if total else (math.nan, math.nan)
+
+
+def _test_metrics(trial: Trial) -> dict[str, float]:
+    if trial.datasets.test is None:
+        return {}
+    test_loss, test_acc = evaluate(trial, "test")
+    return {"test_loss": test_loss, "test_acc": test_acc}
 
 
 def autocast(trial: Trial) -> contextlib.AbstractContextManager[Any]:
@@ -407,6 +478,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def np_random_seed(seed: int) -> None:
+    import numpy as np
+
+    np.random.seed(seed % 2**32)
+
+
 def _loader(trial: Trial, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     # The order of an epoch is a pure function of (seed, epoch): a resumed run sees the same.
     generator = torch.Generator().manual_seed(trial.cfg.seed * 1_000_003 + epoch)
@@ -417,6 +494,7 @@ def _loader(trial: Trial, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tens
             shuffle=True,
             generator=generator,
             num_workers=trial.cfg.num_workers,
+            drop_last=trial.mixup is not None,
         )
     )
 
@@ -501,7 +579,9 @@ def _mean(values: Sequence[float]) -> float:
 def _epoch_line(cfg: TrialConfig, m: dict[str, float]) -> str:
     return (
         f"epoch {int(m['epoch'])}/{cfg.epochs - 1} | train loss {m['train_loss']:.4f} | "
-        f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f} | backbone trainable "
+        f"val loss {m['val_loss']:.4f} acc {m['val_acc']:.3f}"
+        + (f" | test acc {m['test_acc']:.3f}" if "test_acc" in m else "")
+        + " | backbone trainable "
         f"{100 * m['backbone_trainable_ratio']:.1f}% ({int(m['unfrozen_blocks'])} blocks) | "
         f"lr head {m['lr/head']:.2e} | grad {m['grad_norm']:.3g} | skipped "
         f"{int(m['skipped_steps'])} | spike loss x{m['spike_loss_ratio']:.2f} grad "

@@ -203,11 +203,17 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from unfreeze_hpo import data, models
+
     cfg = load_checked(args.config)
     print(
         f"{args.config}: ok — {cfg.model.name} on {cfg.data.kind} ({cfg.data.task}), "
         f"strategy {cfg.strategy}, {cfg.epochs} epochs, output {cfg.output_dir}"
     )
+    prep = data.resolve(cfg.data, models.input_of(cfg.model.spec(cfg.model.num_classes or 2)))
+    print("\n".join(prep.lines()))
+    for warning in prep.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

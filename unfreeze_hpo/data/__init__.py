@@ -2,23 +2,29 @@
 
 Synthetic kinds draw shapes moving on a noisy background, each sample a pure function of
 (kind, task, split, seed, index). Real kinds read image folders (torchvision ``ImageFolder``) or
-videos (pytorchvideo ``EncodedVideo`` + clip samplers) listed by folder or by CSV. Videos come out
-as float32 ``(3, T, H, W)``, images as ``(3, H, W)``, both normalised to about zero mean and unit
-variance.
+videos (pytorchvideo ``EncodedVideo`` + clip samplers) listed by folder or by CSV, through the
+preprocessing the model needs (``data.preprocess``), with a test split when the data has one.
+Videos come out as float32 ``(3, T, H, W)``, images as ``(3, H, W)``, normalised.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from unfreeze_hpo.data.files import (
     VideoDataset,
     _check_int,
     _check_root,
+    _class_folders,
     _did_you_mean,
     _load_image_folder,
     _load_videos,
+    _read_csv,
 )
+from unfreeze_hpo.data.preprocess import Preprocessing, resolve
 from unfreeze_hpo.data.spec import (
     AXES,
     COLOURS,
@@ -34,6 +40,7 @@ from unfreeze_hpo.data.spec import (
     DataError,
     Datasets,
     Item,
+    ModelInput,
 )
 from unfreeze_hpo.data.synthetic import (
     SyntheticDataset,
@@ -58,26 +65,44 @@ __all__ = [
     "DataError",
     "Datasets",
     "Item",
+    "ModelInput",
+    "Preprocessing",
     "SyntheticDataset",
     "SyntheticSample",
     "VideoDataset",
     "check",
     "class_names",
+    "classes",
     "load",
+    "resolve",
 ]
 
 
-def load(cfg: DataConfig) -> Datasets:
-    """Build the train and val datasets ``cfg`` describes; raises ConfigError listing every
-    problem with ``cfg`` first."""
+def load(cfg: DataConfig, model: ModelInput | None = None) -> Datasets:
+    """Build the datasets ``cfg`` describes, preprocessed for a model expecting ``model``
+    (``data.resolve``); raises ConfigError listing every problem with ``cfg`` first."""
     problems = check(cfg)
     if problems:
         raise ConfigError(problems)
     if cfg.kind in SYNTHETIC_KINDS:
         return _load_synthetic(cfg)
+    prep = resolve(cfg, model)
     if cfg.kind == "image_folder":
-        return _load_image_folder(cfg)
-    return _load_videos(cfg)
+        return _load_image_folder(cfg, prep)
+    return _load_videos(cfg, prep)
+
+
+def classes(cfg: DataConfig) -> tuple[str, ...]:
+    """The class names of ``cfg``'s data, read from the listing only (no sample is decoded)."""
+    problems = check(cfg)
+    if problems:
+        raise ConfigError(problems)
+    if cfg.kind in SYNTHETIC_KINDS:
+        return class_names(cfg.kind, cfg.task)
+    root = Path(cfg.root or "").expanduser()
+    if cfg.kind == "video_csv":
+        return tuple(sorted({label for _, label in _read_csv(root / "train.csv")[0]}))
+    return tuple(_class_folders(root / "train"))
 
 
 def check(cfg: DataConfig) -> list[Problem]:
@@ -95,9 +120,13 @@ def check(cfg: DataConfig) -> list[Problem]:
     if synthetic:
         problems += _check_int("data.train_samples", cfg.train_samples, 1, "e.g. 512")
         problems += _check_int("data.val_samples", cfg.val_samples, 1, "e.g. 256")
-    problems += _check_int("data.frames", cfg.frames, 1, "e.g. 4 (8 or 16 for hub models)")
+    if cfg.frames is not None:
+        problems += _check_int("data.frames", cfg.frames, 1, "e.g. 4, or leave it unset")
     # Below 8 pixels the synthetic shapes are a blur of one or two pixels and cannot be told apart.
-    problems += _check_int("data.size", cfg.size, 8 if synthetic else 1, "e.g. 32 (224 for hub)")
+    if cfg.size is not None:
+        fix = "e.g. 32, or leave it unset for the model's"
+        problems += _check_int("data.size", cfg.size, 8 if synthetic else 1, fix)
+    problems += _check_augmentation(cfg)
     problems += _check_int("data.seed", cfg.seed, None, "e.g. 0")
     seconds = cfg.clip_seconds
     if (
@@ -121,3 +150,49 @@ def check(cfg: DataConfig) -> list[Problem]:
     if cfg.kind in REAL_KINDS:
         problems += _check_root(cfg)
     return problems
+
+
+def _check_augmentation(cfg: DataConfig) -> list[Problem]:
+    problems: list[Problem] = []
+    for name in ("mean", "std"):
+        value = getattr(cfg, name)
+        if value is not None and not _numbers(value, 3, positive=name == "std"):
+            problems.append(
+                Problem(
+                    f"data.{name}",
+                    value,
+                    "must be 3 numbers" + (" > 0" if name == "std" else ""),
+                    f"e.g. {name}: [0.5, 0.5, 0.5], or leave it unset for the model's",
+                )
+            )
+    scale = cfg.scale
+    if not (_numbers(scale, 2) and 0 < scale[0] <= scale[1] <= 1):
+        problems.append(
+            Problem(
+                "data.scale",
+                scale,
+                "must be [low, high] with 0 < low <= high <= 1",
+                "e.g. [0.08, 1.0]",
+            )
+        )
+    video = cfg.kind not in ("image_folder", "synthetic_image")
+    for name in ("cutmix", "auto_augment", "random_erasing"):
+        if video and getattr(cfg, name):
+            problems.append(
+                Problem(
+                    f"data.{name}",
+                    getattr(cfg, name),
+                    f"applies to images, not {cfg.kind}",
+                    f"remove data.{name}",
+                )
+            )
+    return problems
+
+
+def _numbers(value: Any, n: int, positive: bool = False) -> bool:
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != n:
+        return False
+    return all(
+        isinstance(v, int | float) and not isinstance(v, bool) and (v > 0 or not positive)
+        for v in value
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import difflib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -14,12 +14,10 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from unfreeze_hpo.data.preprocess import Preprocessing, Transform
 from unfreeze_hpo.data.spec import (
     IMAGE_EXTENSIONS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    KINETICS_MEAN,
-    KINETICS_STD,
+    OPTIONAL_SPLITS,
     SPLITS,
     VIDEO_EXTENSIONS,
     DataConfig,
@@ -50,9 +48,10 @@ def _did_you_mean(word: Any, choices: Sequence[str]) -> str:
 
 def _check_root(cfg: DataConfig) -> list[Problem]:
     layouts = {
-        "image_folder": "root/train/<class>/*.png and root/val/<class>/*.png",
-        "video_folder": "root/train/<class>/*.mp4 and root/val/<class>/*.mp4",
-        "video_csv": "root/train.csv and root/val.csv with the header path,label",
+        "image_folder": "root/train/<class>/*.png and root/val/<class>/*.png (test/ optional)",
+        "video_folder": "root/train/<class>/*.mp4 and root/val/<class>/*.mp4 (test/ optional)",
+        "video_csv": "root/train.csv and root/val.csv (test.csv optional) with the header "
+        "path,label",
     }
     fix = f"set data.root to a directory holding {layouts[cfg.kind]}"
     if cfg.root is None:
@@ -83,7 +82,7 @@ def _is_image(path: str) -> bool:
 def _check_class_folders(root: Path, extensions: tuple[str, ...], fix: str) -> list[Problem]:
     problems: list[Problem] = []
     classes: dict[str, list[str]] = {}
-    for split in SPLITS:
+    for split in splits_in(root, lambda split: (root / split).is_dir()):
         folder = root / split
         if not folder.is_dir():
             problems.append(Problem("data.root", str(root), f"has no {split}/ folder", fix))
@@ -105,19 +104,26 @@ def _check_class_folders(root: Path, extensions: tuple[str, ...], fix: str) -> l
                     "add samples to them or remove them",
                 )
             )
-    if len(classes) == 2 and classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+    for split in ("val", *OPTIONAL_SPLITS):
+        if "train" not in classes or split not in classes or classes[split] == classes["train"]:
+            continue
+        only_train = sorted(set(classes["train"]) - set(classes[split]))
+        only_here = sorted(set(classes[split]) - set(classes["train"]))
         problems.append(
             Problem(
                 "data.root",
                 str(root),
-                f"train/ and val/ hold different classes (only in train/: {_some(only_train)}; "
-                f"only in val/: {_some(only_val)})",
-                "give train/ and val/ the same class folders",
+                f"train/ and {split}/ hold different classes (only in train/: "
+                f"{_some(only_train)}; only in {split}/: {_some(only_here)})",
+                f"give train/ and {split}/ the same class folders",
             )
         )
     return problems
+
+
+def splits_in(root: Path, present: Callable[[str], bool]) -> tuple[str, ...]:
+    """train and val, and the optional splits ``present`` finds under ``root``."""
+    return SPLITS + tuple(split for split in OPTIONAL_SPLITS if present(split))
 
 
 def _class_folders(folder: Path) -> list[str]:
@@ -144,19 +150,21 @@ def _some(names: Sequence[str], limit: int = 5) -> str:
 def _check_csvs(root: Path) -> list[Problem]:
     problems: list[Problem] = []
     labels: dict[str, set[str]] = {}
-    for split in SPLITS:
+    for split in splits_in(root, lambda split: (root / f"{split}.csv").is_file()):
         rows, found = _read_csv(root / f"{split}.csv")
         problems += found
         if rows:
             labels[split] = {label for _, label in rows}
-    if len(labels) == 2 and not labels["val"] <= labels["train"]:
-        unknown = sorted(labels["val"] - labels["train"])
+    for split in ("val", *OPTIONAL_SPLITS):
+        if "train" not in labels or split not in labels or labels[split] <= labels["train"]:
+            continue
+        unknown = sorted(labels[split] - labels["train"])
         problems.append(
             Problem(
                 "data.root",
-                str(root / "val.csv"),
+                str(root / f"{split}.csv"),
                 f"labels that train.csv never uses: {_some(unknown)}",
-                "every val label needs training samples; fix the labels or add train rows",
+                f"every {split} label needs training samples; fix the labels or add train rows",
             )
         )
     return problems
@@ -213,26 +221,20 @@ def _read_csv(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
 # Images on disk
 
 
-def _load_image_folder(cfg: DataConfig) -> Datasets:
+def _load_image_folder(cfg: DataConfig, prep: Preprocessing) -> Datasets:
     from torchvision.datasets import ImageFolder
-    from torchvision.transforms import v2
 
     root = Path(cfg.root or "").expanduser()
-    transform = v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize((cfg.size, cfg.size), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            v2.ToPureTensor(),
-        ]
-    )
-    train, val = (
-        ImageFolder(root / s, transform=transform, loader=_read_image, is_valid_file=_is_image)
-        for s in SPLITS
-    )
-    names = tuple(train.classes)
-    return Datasets(train, val, len(names), names, (3, cfg.size, cfg.size))
+
+    def folder(split: str) -> ImageFolder:
+        transform = prep.train if split == "train" else prep.eval
+        return ImageFolder(root / split, transform, loader=_read_image, is_valid_file=_is_image)
+
+    found = {s: folder(s) for s in splits_in(root, lambda split: (root / split).is_dir())}
+    names = tuple(found["train"].classes)
+    shape = (3, prep.size, prep.size)
+    test = found.get("test")
+    return Datasets(found["train"], found["val"], len(names), names, shape, test, prep)
 
 
 def _read_image(path: str) -> Any:
@@ -265,15 +267,15 @@ class VideoDataset(Dataset[Item]):
         self,
         videos: Sequence[tuple[Path, int]],
         frames: int,
-        size: int,
         clip_seconds: float,
         train: bool,
+        transform: Transform,
     ) -> None:
         from pytorchvideo.data import make_clip_sampler
 
         self.videos = list(videos)
         self.targets = [label for _, label in self.videos]
-        self.frames, self.size, self.train = frames, size, train
+        self.frames, self.train, self.transform = frames, train, transform
         self.clip_seconds = Fraction(clip_seconds).limit_denominator(10**6)
         # pytorchvideo has no centre sampler (its uniform one is stateful), so val computes it.
         self._sampler = make_clip_sampler("random", self.clip_seconds) if train else None
@@ -314,39 +316,37 @@ class VideoDataset(Dataset[Item]):
         return start, start + self.clip_seconds
 
     def _transform(self, clip: torch.Tensor) -> torch.Tensor:
-        from torchvision.transforms.v2 import functional as tvf
-
         # Uniform temporal subsampling as pytorchvideo's UniformTemporalSubsample does it
         # (its transforms module does not import with this torchvision).
         steps = clip.shape[1]
         picks = torch.linspace(0, steps - 1, self.frames).clamp(0, steps - 1).long()
-        frames = clip[:, picks].permute(1, 0, 2, 3)  # (T, 3, H, W): v2 treats T as batch
-        frames = tvf.resize(frames, [self.size, self.size], antialias=True) / 255.0
-        frames = tvf.normalize(frames, list(KINETICS_MEAN), list(KINETICS_STD))
-        return frames.permute(1, 0, 2, 3).contiguous()
+        return self.transform(clip[:, picks])
 
 
-def _load_videos(cfg: DataConfig) -> Datasets:
+def _load_videos(cfg: DataConfig, prep: Preprocessing) -> Datasets:
     root = Path(cfg.root or "").expanduser()
     listed: dict[str, list[tuple[Path, str]]] = {}
     if cfg.kind == "video_csv":
-        for split in SPLITS:
+        for split in splits_in(root, lambda split: (root / f"{split}.csv").is_file()):
             listed[split] = _read_csv(root / f"{split}.csv")[0]
         names = tuple(sorted({label for _, label in listed["train"]}))
     else:
         names = tuple(_class_folders(root / "train"))
-        for split in SPLITS:
+        for split in splits_in(root, lambda split: (root / split).is_dir()):
             listed[split] = [
                 (path, name)
                 for name in names
                 for path in _files(root / split / name, VIDEO_EXTENSIONS)
             ]
     index = {name: i for i, name in enumerate(names)}
+    frames, train, evaluate = prep.frames, prep.train, prep.eval
+    assert frames is not None and train is not None and evaluate is not None
 
     def dataset(split: str) -> VideoDataset:
         videos = [(path, index[label]) for path, label in listed[split]]
-        return VideoDataset(videos, cfg.frames, cfg.size, cfg.clip_seconds, split == "train")
+        transform = train if split == "train" else evaluate
+        return VideoDataset(videos, frames, cfg.clip_seconds, split == "train", transform)
 
-    return Datasets(
-        dataset("train"), dataset("val"), len(names), names, (3, cfg.frames, cfg.size, cfg.size)
-    )
+    test = dataset("test") if "test" in listed else None
+    shape = (3, frames, prep.size, prep.size)
+    return Datasets(dataset("train"), dataset("val"), len(names), names, shape, test, prep)

@@ -18,6 +18,8 @@ from unfreeze_hpo.data.spec import (
     GROUPS,
     MOTIONS,
     SHAPES,
+    SYNTHETIC_FRAMES,
+    SYNTHETIC_SIZE,
     DataConfig,
     Datasets,
     Item,
@@ -59,8 +61,8 @@ class SyntheticDataset(Dataset[Item]):
     def __init__(self, cfg: DataConfig, split: str, length: int) -> None:
         self.kind, self.task, self.split, self.seed = cfg.kind, cfg.task, split, cfg.seed
         self.video = cfg.kind == "synthetic_video"
-        self.frames = cfg.frames if self.video else 1
-        self.size = cfg.size
+        self.frames = (cfg.frames or SYNTHETIC_FRAMES) if self.video else 1
+        self.size = cfg.size or SYNTHETIC_SIZE
         self.length = length
         draws = torch.stack([self._draws(i)[0] for i in range(length)])
         self.targets: list[int] = _labels(draws, self.video, self.task).tolist()
@@ -243,11 +245,13 @@ def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor
 
 def _load_synthetic(cfg: DataConfig) -> Datasets:
     names = class_names(cfg.kind, cfg.task)
-    shape = (3, cfg.frames, cfg.size, cfg.size) if cfg.kind == "synthetic_video" else None
+    train = SyntheticDataset(cfg, "train", cfg.train_samples)
+    size = train.size
+    shape = (3, train.frames, size, size) if train.video else (3, size, size)
     return Datasets(
-        train=SyntheticDataset(cfg, "train", cfg.train_samples),
+        train=train,
         val=SyntheticDataset(cfg, "val", cfg.val_samples),
         num_classes=len(names),
         class_names=names,
-        input_shape=shape or (3, cfg.size, cfg.size),
+        input_shape=shape,
     )

@@ -7,8 +7,12 @@ registry (``models.base.FAMILIES``): ``timm`` and ``pytorchvideo`` ship with the
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import nn
 
+from unfreeze_hpo.data.spec import ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
 
 # The shipped families register themselves on import.
@@ -32,7 +36,9 @@ __all__ = [
     "available",
     "build",
     "classifier_name",
+    "input_of",
     "load_checkpoint",
+    "model_input",
     "parse_name",
     "register_family",
     "unwrap",
@@ -54,6 +60,24 @@ def build(spec: ModelSpec) -> nn.Module:
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint)
     return model
+
+
+def model_input(spec: ModelSpec, model: nn.Module) -> ModelInput | None:
+    """The input ``model`` (built from ``spec``) expects, as its family reports it."""
+    family, arch = parse_name(spec.name)
+    return FAMILIES[family].input(arch, unwrap(model))
+
+
+def input_of(spec: ModelSpec) -> ModelInput | None:
+    """``model_input`` without weights: the model is built on the meta device (cheap for any
+    size, nothing downloaded). None when it cannot be built there."""
+    bare = dataclasses.replace(spec, pretrained=False, checkpoint=None, pretrained_file=None)
+    try:
+        with torch.device("meta"):
+            model = build(bare)
+    except Exception:  # some builders compute on their tensors (pytorchvideo's MViT)
+        return None
+    return model_input(bare, model)
 
 
 def parse_name(name: str) -> tuple[str, str]:

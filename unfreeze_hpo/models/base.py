@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from unfreeze_hpo.data.spec import ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
 from unfreeze_hpo.registry import Registry
 
@@ -28,6 +29,7 @@ class ModelSpec:
     checkpoint: str | None = None
     num_classes: int | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    pretrained_file: str | None = None  # local pretrained weights, loaded the family's way
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -92,6 +94,9 @@ class Family:
     base_name: Callable[[str], str] = field(default=lambda arch: arch)
     # Architectures known without listing ``available`` (which may import a hub).
     builtin: frozenset[str] = frozenset()
+    # The input a built model expects (size, frames, mean/std ...), None when the family
+    # cannot say: the data then uses ImageNet / Kinetics defaults.
+    input: Callable[[str, nn.Module], ModelInput | None] = field(default=lambda arch, model: None)
 
 
 FAMILIES: Registry[Family] = Registry("model family")

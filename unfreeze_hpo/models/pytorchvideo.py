@@ -1,6 +1,7 @@
 """The pytorchvideo family: ``pytorchvideo:<name>`` is a builder of ``pytorchvideo.models.hub``
 (hub weights with ``pretrained: true``) or one of the small CPU architectures of ``models.tiny``.
-Heads return logits (a softmax some hub heads end in is removed)."""
+Heads return logits (a softmax some hub heads end in is removed). The input each hub model
+expects (frames, crop) is the one of pytorchvideo's Kinetics-400 model zoo."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from unfreeze_hpo.data.spec import KINETICS_MEAN, KINETICS_STD, ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
 from unfreeze_hpo.models.base import Family, ModelSpec, call_builder, register_family
 from unfreeze_hpo.models.tiny import SMALL
@@ -17,6 +19,15 @@ from unfreeze_hpo.models.tiny import SMALL
 
 def build(arch: str, spec: ModelSpec) -> nn.Module:
     builder: Callable[..., nn.Module]
+    if spec.pretrained_file is not None:
+        raise ModelError(
+            Problem(
+                "model.pretrained_file",
+                spec.pretrained_file,
+                "is read the timm way, for timm models",
+                "for pytorchvideo models give model.checkpoint (a state dict of this model)",
+            )
+        )
     if arch in SMALL:
         if spec.pretrained:
             raise ModelError(
@@ -67,6 +78,39 @@ def classifier(model: nn.Module) -> str | None:
     return None
 
 
+# arch -> (frames, crop, short side at eval), from pytorchvideo's Kinetics-400 model zoo (clip
+# length x sampling rate; training crops; the eval short side before the centre crop).
+HUB_INPUTS: dict[str, tuple[int, int, int]] = {
+    "c2d_r50": (8, 224, 256),
+    "i3d_r50": (8, 224, 256),
+    "slow_r50": (8, 224, 256),
+    "slowfast_r50": (32, 224, 256),
+    "slowfast_r101": (32, 224, 256),
+    "slowfast_16x8_r101_50_50": (16, 224, 256),
+    "csn_r101": (32, 224, 256),
+    "r2plus1d_r50": (16, 224, 256),
+    "x3d_xs": (4, 160, 182),
+    "x3d_s": (13, 160, 182),
+    "x3d_m": (16, 224, 256),
+    "x3d_l": (16, 312, 356),
+    "efficient_x3d_xs": (4, 160, 182),
+    "efficient_x3d_s": (13, 160, 182),
+    "mvit_base_16x4": (16, 224, 256),
+    "mvit_base_32x3": (32, 224, 256),
+    "mvit_base_16": (1, 224, 256),
+}
+
+
+def model_input(arch: str, model: nn.Module) -> ModelInput:
+    if arch in SMALL:  # built for the synthetic clips of the embedded default
+        return ModelInput(32, 4, KINETICS_MEAN, KINETICS_STD, "bilinear", 1.0, "models.tiny")
+    frames, crop, side = HUB_INPUTS.get(arch, (8, 224, 256))
+    source = "pytorchvideo's Kinetics-400 model zoo" if arch in HUB_INPUTS else "defaults"
+    return ModelInput(
+        crop, frames, KINETICS_MEAN, KINETICS_STD, "bilinear", crop / side, f"{source} ({arch})"
+    )
+
+
 FAMILY = register_family(
     Family(
         "pytorchvideo",
@@ -76,5 +120,6 @@ FAMILY = register_family(
         example="resnet3d_tiny",
         example_input=(1, 3, 4, 32, 32),
         builtin=frozenset(SMALL),
+        input=model_input,
     )
 )

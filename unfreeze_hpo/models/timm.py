@@ -1,10 +1,16 @@
 """The timm family: ``timm:<name>`` is ``timm.create_model(name)`` (hub weights with
-``pretrained: true``), its classifier the one ``get_classifier`` returns."""
+``pretrained: true``, a local file with ``pretrained_file``), its classifier the one
+``get_classifier`` returns, its input the model's pretrained config."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from torch import nn
 
+from unfreeze_hpo.data.spec import ModelInput
+from unfreeze_hpo.errors import ModelError, Problem
 from unfreeze_hpo.models.base import Family, ModelSpec, call_builder, register_family
 
 
@@ -14,7 +20,74 @@ def build(arch: str, spec: ModelSpec) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    return call_builder(timm.create_model, spec, arch, pretrained=spec.pretrained, **kwargs)
+    if spec.pretrained_file is None:
+        return call_builder(timm.create_model, spec, arch, pretrained=spec.pretrained, **kwargs)
+    # timm's own loading of a local file: it drops a classifier of another size and adapts the
+    # input channels, as it does for hub weights.
+    keys = _file_keys(spec.pretrained_file)
+    overlay = {"file": str(Path(spec.pretrained_file).expanduser())}
+    try:
+        return call_builder(
+            timm.create_model, spec, arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+        )
+    except RuntimeError as exc:
+        if "state_dict" not in str(exc):
+            raise
+        own = timm.create_model(arch, pretrained=False, **kwargs).state_dict()
+        raise _misfit(spec.pretrained_file, keys, set(own)) from exc
+
+
+def _file_keys(path: str) -> set[str]:
+    """The tensor names in a weights file, read weights-only: a pickled file is refused."""
+    import torch
+
+    file = Path(path).expanduser()
+    fix = "give a file written by torch.save(model.state_dict(), path) or a .safetensors file"
+    if not file.is_file():
+        raise ModelError(Problem("model.pretrained_file", path, "no such file", fix))
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), "pt") as handle:
+                return set(handle.keys())
+        payload = torch.load(file, map_location="meta", weights_only=True)
+    except Exception as exc:  # pickled objects, truncated or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            Problem(
+                "model.pretrained_file",
+                path,
+                f"not a readable weights-only file ({type(exc).__name__}: {reason[:200]})",
+                fix + "; files that need pickle to load are refused",
+            )
+        ) from exc
+    for key in ("state_dict", "model"):  # the nestings timm's load_state_dict unwraps
+        if isinstance(payload, dict) and isinstance(payload.get(key), dict):
+            payload = payload[key]
+    if not isinstance(payload, dict) or not payload:
+        raise ModelError(Problem("model.pretrained_file", path, "holds no state dict", fix))
+    return {str(k).removeprefix("module.") for k in payload}
+
+
+def _misfit(path: str, keys: set[str], own: set[str]) -> ModelError:
+    missing, unexpected = sorted(own - keys), sorted(keys - own)
+    parts = [
+        f"{label}: {', '.join(names[:3])}"
+        + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        for label, names in (("missing", missing), ("unexpected", unexpected))
+        if names
+    ]
+    found = "; ".join(parts) or "tensor shapes differ"
+    return ModelError(
+        Problem(
+            "model.pretrained_file",
+            path,
+            f"does not fit the model ({found})",
+            "use weights saved from this architecture (timm names), or set model.name to "
+            "the architecture they come from",
+        )
+    )
 
 
 def available() -> list[str]:
@@ -33,6 +106,21 @@ def classifier(model: nn.Module) -> str | None:
     return None
 
 
+def model_input(arch: str, model: nn.Module) -> ModelInput | None:
+    from timm.data import resolve_model_data_config
+
+    cfg: dict[str, Any] = resolve_model_data_config(model)
+    return ModelInput(
+        size=int(cfg["input_size"][-1]),
+        frames=None,
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+        interpolation=str(cfg.get("interpolation") or "bilinear"),
+        crop_pct=float(cfg.get("crop_pct") or 0.875),
+        source=f"timm's pretrained config of {arch}",
+    )
+
+
 FAMILY = register_family(
     Family(
         "timm",
@@ -42,5 +130,6 @@ FAMILY = register_family(
         example="resnet18",
         example_input=(1, 3, 64, 64),
         base_name=lambda arch: arch.split(".")[0],
+        input=model_input,
     )
 )

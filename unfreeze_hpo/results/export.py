@@ -65,6 +65,13 @@ def export_schedule(
         f"# trial {number} of search {search.name!r} ({search.folder}), exported by unfreeze-hpo\n"
         f"# replay: unfreeze-hpo train --config {out.name}\n"
     )
+    provenance = cfg.provenance or {}
+    test = (provenance.get("final") or {}).get("test_acc_at_best")
+    if test is not None:
+        header += (
+            f"# {search.metric} {provenance.get('value')}; test acc {test:.4f} at the best val "
+            "epoch (the test split: not chosen on)\n"
+        )
     return write_yaml(out, cfg.to_dict(), header, check=_check_config)
 
 

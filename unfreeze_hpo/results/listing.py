@@ -24,7 +24,16 @@ FORMATS = ("table", "csv", "json")
 
 
 # Columns after the hyperparameters; "value" is the best metric over the epochs (the study's).
-_TAIL = ("value", "final", "epochs", "trainable_ratio", "worst_spike", "reason", "ray_trial_id")
+_TAIL = (
+    "value",
+    "test_acc",  # test accuracy at the best val epoch: only when the data has a test split
+    "final",
+    "epochs",
+    "trainable_ratio",
+    "worst_spike",
+    "reason",
+    "ray_trial_id",
+)
 
 
 _RAY_TRIAL_DIR = re.compile(r"^.+?_([0-9a-f]{5,})_\d+_")  # run_trial_<id>_<n>_<params>_<date>
@@ -47,6 +56,8 @@ def trials_table(search: Search) -> pd.DataFrame:
     ]
     columns = ["number", "state", "strategy", *_hyperparameters(search, trials), *_TAIL]
     table = pd.DataFrame(rows, columns=columns)
+    if table["test_acc"].isna().all():
+        table = table.drop(columns="test_acc")
     for column in ("number", "epochs"):  # integers with gaps (running, failed before epoch 0)
         table[column] = table[column].astype("Int64")
     return table
@@ -94,6 +105,7 @@ def _running_row(search: Search, ray_trial: _RayTrial) -> dict[str, Any]:
 def _final_columns(metric: str, final: Mapping[str, Any]) -> dict[str, Any]:
     epoch = final.get("epoch")
     return {
+        "test_acc": final.get("test_acc_at_best"),
         "final": final.get(metric),
         "epochs": int(epoch) + 1 if _finite(epoch) else None,
         "trainable_ratio": final.get("backbone_trainable_ratio"),

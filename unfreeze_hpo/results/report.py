@@ -124,18 +124,21 @@ def objective_name(records: Iterable[TrialRecord]) -> str:
 
 def trials_table(records: list[TrialRecord], metric: str) -> pd.DataFrame:
     """One row per trial: what the page lists under its plots."""
-    return pd.DataFrame(
-        {
-            "trial": [r.number for r in records],
-            "state": [r.state for r in records],
-            "strategy": [r.strategy for r in records],
-            metric: [r.value for r in records],
-            "epochs": [int(r.final["epoch"]) + 1 if "epoch" in r.final else None for r in records],
-            "backbone trainable": [r.final.get("backbone_trainable_ratio") for r in records],
-            "worst spike (loss x)": [r.final.get("spike_worst_loss_ratio") for r in records],
-            "reason": [r.reason for r in records],
-        }
-    )
+    columns: dict[str, list[Any]] = {
+        "trial": [r.number for r in records],
+        "state": [r.state for r in records],
+        "strategy": [r.strategy for r in records],
+        metric: [r.value for r in records],
+        # Measured on the test split at the best val epoch: data the search did not choose on.
+        "test acc (at best val)": [r.final.get("test_acc_at_best") for r in records],
+        "epochs": [int(r.final["epoch"]) + 1 if "epoch" in r.final else None for r in records],
+        "backbone trainable": [r.final.get("backbone_trainable_ratio") for r in records],
+        "worst spike (loss x)": [r.final.get("spike_worst_loss_ratio") for r in records],
+        "reason": [r.reason for r in records],
+    }
+    if all(v is None for v in columns["test acc (at best val)"]):
+        del columns["test acc (at best val)"]
+    return pd.DataFrame(columns)
 
 
 def build_report(

@@ -13,7 +13,7 @@ from unfreeze_hpo.errors import ConfigError, Problem
 WIDTH = 120  # what `trials` and `best` fit by default
 MIN_REASON = 24  # a reason cut shorter than this says nothing
 # Shown first, in this order, while they fit; the sampled hyperparameters come after "strategy".
-FIRST = ("number", "state", "strategy", "value", "epochs")
+FIRST = ("number", "state", "strategy", "value", "test_acc", "epochs")
 LAST = ("reason", "final", "trainable_ratio", "worst_spike", "ray_trial_id")
 
 

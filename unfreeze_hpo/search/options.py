@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from unfreeze_hpo import storage
-from unfreeze_hpo.config import METRICS
+from unfreeze_hpo.config import SEARCH_METRICS
 from unfreeze_hpo.errors import Problem
 from unfreeze_hpo.params import param
 from unfreeze_hpo.search.rules import AshaSettings, SpikeRule
@@ -47,7 +47,7 @@ class SearchConfig:
     cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
     gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
     metric: str = param(
-        "best_val_acc", choices=METRICS, help="what the search maximizes or minimizes"
+        "best_val_acc", choices=SEARCH_METRICS, help="what the search maximizes or minimizes"
     )
     mode: str = param("max", choices=("max", "min"), help="max or min")
     scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
