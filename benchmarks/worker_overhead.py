@@ -229,12 +229,27 @@ def bare(args: Any) -> dict[str, Any]:
         for p in prefixes
     ]
     n_blocks = len(blocks)
+    # Per block, the usual pair of groups: weight decay on weights, none on 1-d tensors and
+    # biases (timm's rule), both at the block's LR.
+    decay_free = {id(p) for n, p in named.items() if p.ndim <= 1 or n.endswith(".bias")}
+    pairs = [
+        [[p for p in ps if (id(p) in decay_free) == free] for free in (False, True)]
+        for ps in (*blocks, head)
+    ]
     optimizer = torch.optim.AdamW(
-        [{"params": ps, "lr": 0.0} for ps in (*blocks, head)],
+        [
+            {"params": members, "lr": 0.0, "weight_decay": 0.0 if free else opt.weight_decay}
+            for pair in pairs
+            for free, members in zip((False, True), pair, strict=True)
+            if members
+        ],
         lr=opt.lr,
-        weight_decay=opt.weight_decay,
     )
-    groups = optimizer.param_groups
+    # The groups of block i (the head last), for setting their shared LR.
+    groups: list[list[dict[str, Any]]] = []
+    it = iter(optimizer.param_groups)
+    for pair in pairs:
+        groups.append([next(it) for members in pair if members])
 
     steps_per_epoch = math.ceil(len(datasets.train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -289,8 +304,10 @@ def bare(args: Any) -> dict[str, Any]:
                     if start is None or opt.unfreeze_warmup_steps == 0
                     else min(1.0, (step - start + 1) / opt.unfreeze_warmup_steps)
                 )
-                groups[i]["lr"] = base * scales[i] * warm
-            groups[-1]["lr"] = base
+                for group in groups[i]:
+                    group["lr"] = base * scales[i] * warm
+            for group in groups[-1]:
+                group["lr"] = base
             loss = nn.functional.cross_entropy(model(inputs), labels)
             losses.append(loss.item())
             loss.backward()
