@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from unfreeze_hpo.data.spec import ModelInput
-from unfreeze_hpo.errors import ModelError, Problem
+from unfreeze_hpo.errors import ModelError, Problem, describe
 from unfreeze_hpo.models.base import Family, ModelSpec, call_builder, register_family
 
 
@@ -53,12 +53,11 @@ def _file_keys(path: str) -> set[str]:
                 return set(handle.keys())
         payload = torch.load(file, map_location="meta", weights_only=True)
     except Exception as exc:  # pickled objects, truncated or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             Problem(
                 "model.pretrained_file",
                 path,
-                f"not a readable weights-only file ({type(exc).__name__}: {reason[:200]})",
+                f"not a readable weights-only file ({describe(exc)[:200]})",
                 fix + "; files that need pickle to load are refused",
             )
         ) from exc
