@@ -101,7 +101,6 @@ class Trial:
     steps_per_epoch: int
     faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
     mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
-    model_input: data.ModelInput | None = None  # what the model's family says it expects
 
     @property
     def blocks(self) -> Blocks:
@@ -157,8 +156,8 @@ def run(
     )
     for note in cfg.strategy.notes(cfg.epochs, sizes):
         log(f"note: {note}")
-    prep = trial.datasets.preprocessing or data.resolve(cfg.data, trial.model_input)
-    for warning in prep.warnings():
+    prep = trial.datasets.preprocessing
+    for warning in prep.warnings() if prep is not None else ():
         log(f"warning: {warning}")
 
     for epoch in range(state.epoch, cfg.epochs):
@@ -263,8 +262,7 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
     spec = cfg.model.spec(num_classes)
     model = build(spec)
     # The model is built first: its family says which preprocessing its weights expect.
-    expects = model_input(spec, model)
-    datasets = data.load(cfg.data, expects)
+    datasets = data.load(cfg.data, model_input(spec, model))
     if cfg.model.pretrain_on_source and weights is None:
         raise ConfigError(
             Problem(
@@ -301,7 +299,6 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
         datasets,
         steps_per_epoch,
         mixup=mixup,
-        model_input=expects,
     )
 
 

@@ -9,6 +9,7 @@ Videos come out as float32 ``(3, T, H, W)``, images as ``(3, H, W)``, normalised
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,9 +85,9 @@ def load(cfg: DataConfig, model: ModelInput | None = None) -> Datasets:
     problems = check(cfg)
     if problems:
         raise ConfigError(problems)
-    if cfg.kind in SYNTHETIC_KINDS:
-        return _load_synthetic(cfg)
     prep = resolve(cfg, model)
+    if cfg.kind in SYNTHETIC_KINDS:
+        return dataclasses.replace(_load_synthetic(cfg), preprocessing=prep)
     if cfg.kind == "image_folder":
         return _load_image_folder(cfg, prep)
     return _load_videos(cfg, prep)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import difflib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def _is_image(path: str) -> bool:
 def _check_class_folders(root: Path, extensions: tuple[str, ...], fix: str) -> list[Problem]:
     problems: list[Problem] = []
     classes: dict[str, list[str]] = {}
-    for split in splits_in(root, lambda split: (root / split).is_dir()):
+    for split in splits_in(root, "folders"):
         folder = root / split
         if not folder.is_dir():
             problems.append(Problem("data.root", str(root), f"has no {split}/ folder", fix))
@@ -121,8 +121,12 @@ def _check_class_folders(root: Path, extensions: tuple[str, ...], fix: str) -> l
     return problems
 
 
-def splits_in(root: Path, present: Callable[[str], bool]) -> tuple[str, ...]:
-    """train and val, and the optional splits ``present`` finds under ``root``."""
+def splits_in(root: Path, kind: str) -> tuple[str, ...]:
+    """train and val, and the optional splits ``root`` holds: a folder, or a CSV for video_csv."""
+
+    def present(split: str) -> bool:
+        return (root / f"{split}.csv").is_file() if kind == "video_csv" else (root / split).is_dir()
+
     return SPLITS + tuple(split for split in OPTIONAL_SPLITS if present(split))
 
 
@@ -150,7 +154,7 @@ def _some(names: Sequence[str], limit: int = 5) -> str:
 def _check_csvs(root: Path) -> list[Problem]:
     problems: list[Problem] = []
     labels: dict[str, set[str]] = {}
-    for split in splits_in(root, lambda split: (root / f"{split}.csv").is_file()):
+    for split in splits_in(root, "video_csv"):
         rows, found = _read_csv(root / f"{split}.csv")
         problems += found
         if rows:
@@ -230,7 +234,7 @@ def _load_image_folder(cfg: DataConfig, prep: Preprocessing) -> Datasets:
         transform = prep.train if split == "train" else prep.eval
         return ImageFolder(root / split, transform, loader=_read_image, is_valid_file=_is_image)
 
-    found = {s: folder(s) for s in splits_in(root, lambda split: (root / split).is_dir())}
+    found = {s: folder(s) for s in splits_in(root, cfg.kind)}
     names = tuple(found["train"].classes)
     shape = (3, prep.size, prep.size)
     test = found.get("test")
@@ -327,12 +331,12 @@ def _load_videos(cfg: DataConfig, prep: Preprocessing) -> Datasets:
     root = Path(cfg.root or "").expanduser()
     listed: dict[str, list[tuple[Path, str]]] = {}
     if cfg.kind == "video_csv":
-        for split in splits_in(root, lambda split: (root / f"{split}.csv").is_file()):
+        for split in splits_in(root, "video_csv"):
             listed[split] = _read_csv(root / f"{split}.csv")[0]
         names = tuple(sorted({label for _, label in listed["train"]}))
     else:
         names = tuple(_class_folders(root / "train"))
-        for split in splits_in(root, lambda split: (root / split).is_dir()):
+        for split in splits_in(root, cfg.kind):
             listed[split] = [
                 (path, name)
                 for name in names

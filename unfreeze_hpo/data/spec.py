@@ -103,7 +103,7 @@ class Datasets:
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]  # one sample: (3, frames, size, size) or (3, size, size)
     test: Dataset[Item] | None = None
-    preprocessing: Preprocessing | None = None  # what data on disk goes through
+    preprocessing: Preprocessing | None = None  # what the samples went through
 
 
 class DataError(UserError):
