@@ -233,6 +233,39 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
     assert sorted(round(d) for d in durations.values()) == [30, 30], durations
 
 
+def test_trials_an_interrupt_stopped_before_a_result_end_the_search_cleanly(
+    tmp_path: Path, spiky_space_file: Path
+) -> None:
+    """Ctrl+C while trials come up: Ray marks them TERMINATED, and its metadata says their last
+    result came at -inf. One whose worker never started is left to the rerun (its snapshot says
+    PENDING); one that started in an earlier driver keeps its start and ends now."""
+    url = f"sqlite:///{tmp_path / STUDY_FILE}"
+    recorder = StudyRecorder(
+        url, "stopped", "best_val_acc", "max", load_space(spiky_space_file), SimpleNamespace()
+    )
+    recorder.setup()
+    now = time.time()
+    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
+    trials = [
+        SimpleNamespace(
+            trial_id=trial_id,
+            config=config,
+            status="TERMINATED",
+            last_result={},
+            run_metadata=SimpleNamespace(start_time=started, last_result_time=float("-inf")),
+        )
+        for trial_id, started in (("pending", None), ("earlier", now - 5))
+    ]
+    recorder.on_experiment_end(trials)
+    records = optuna.load_study(study_name="stopped", storage=url).get_trials()
+    assert [r.user_attrs["ray_trial_id"] for r in records] == ["earlier"]
+    (record,) = records
+    assert record.state == optuna.trial.TrialState.FAIL
+    assert record.datetime_start is not None
+    assert abs(record.datetime_start.timestamp() - (now - 5)) < 1e-3
+    assert now <= record.datetime_complete.timestamp() <= time.time()
+
+
 def test_recorder_writes_a_trial_once_per_ray_trial_id(
     tmp_path: Path, spiky_space_file: Path
 ) -> None:

@@ -125,8 +125,10 @@ class StudyRecorder(tune.Callback):
         # Trials that ended in an earlier run of the search but are missing from the study (its
         # database was down then). A trial that ran here and ended without on_trial_complete or
         # on_trial_error was stopped by an interrupt: its snapshot resumes it, so not recorded.
+        # So was one that never started anywhere (an interrupt stops a trial whose worker is
+        # still coming up: Ray marks it TERMINATED after its last snapshot said PENDING).
         for trial in trials:
-            if trial.trial_id in self._active:
+            if trial.trial_id in self._active or _never_started(trial):
                 continue
             if trial.status == "ERROR":
                 self._waiting.setdefault(
@@ -267,10 +269,23 @@ class StudyRecorder(tune.Callback):
         """When Ray first ran the trial, and when it ended (its last result, for a trial that
         ended in an earlier run of the driver), as Optuna's naive local times."""
         meta = getattr(trial, "run_metadata", None)
-        started = getattr(meta, "start_time", None)
-        ended = self._ended_at.get(trial.trial_id) or getattr(meta, "last_result_time", None)
-        end = datetime.datetime.fromtimestamp(ended or time.time())
-        return (datetime.datetime.fromtimestamp(started) if started else None), end
+        started = _moment(getattr(meta, "start_time", None))
+        ended = _moment(self._ended_at.get(trial.trial_id)) or _moment(
+            getattr(meta, "last_result_time", None)
+        )
+        return started, ended or datetime.datetime.fromtimestamp(time.time())
+
+
+def _never_started(trial: Any) -> bool:
+    return getattr(getattr(trial, "run_metadata", None), "start_time", None) is None
+
+
+def _moment(timestamp: Any) -> datetime.datetime | None:
+    """A POSIX timestamp as Optuna's naive local time; None for Ray's "never" (its metadata
+    starts ``last_result_time`` at -inf, which a trial stopped before its first result keeps)."""
+    if not isinstance(timestamp, int | float) or not math.isfinite(timestamp) or timestamp <= 0:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp)
 
 
 def _database_errors() -> tuple[type[BaseException], ...]:
