@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -154,6 +155,21 @@ def server(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def dashboard_json(storage: str, path: str) -> Any:
+    """What optuna-dashboard's API answers at ``path`` for ``storage``, from its WSGI app run
+    in-process (no server to start)."""
+    import wsgiref.util
+
+    from optuna_dashboard import wsgi
+
+    environ: dict[str, Any] = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    wsgiref.util.setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(wsgi(storage)(environ, lambda code, headers, *_: status.append(code)))
+    assert status == ["200 OK"], (status, body[:2000])
+    return json.loads(body)
 
 
 def http_get(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> bytes:

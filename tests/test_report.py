@@ -6,6 +6,7 @@ hand, some with their metrics.jsonl, some without.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -269,29 +270,29 @@ def test_dashboard_command_is_local_by_default(search: Path) -> None:
     assert info.value.problems[0].field == "SEARCH"
 
 
-def test_dashboard_serves_the_study(search: Path, tmp_path: Path) -> None:
-    port, log = free_port(), tmp_path / "dashboard.log"
-    with server(dashboard_command(search, port=port), log) as process:
-        body = http_get(f"http://127.0.0.1:{port}/api/studies", process, log)
-        names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
-        assert names == ["search"]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_the_dashboard_command_ends_its_child_when_stopped(
-    search: Path, tmp_path: Path, sig: signal.Signals
+def test_the_dashboard_command_serves_the_study_and_ends_its_child_when_stopped(
+    search: Path, tmp_path: Path
 ) -> None:
-    port, log = free_port(), tmp_path / "dashboard.log"
-    argv = [sys.executable, "-m", "unfreeze_hpo.cli", "dashboard", str(search), "--port", str(port)]
-    with server(argv, log) as command:
-        http_get(f"http://127.0.0.1:{port}/api/studies", command, log)
-        children = [pid for pid, f in process_stats().items() if int(f[1]) == command.pid]
-        assert children, "optuna-dashboard runs as the command's child"
-        command.send_signal(sig)  # to the command alone, as `kill` or a supervisor sends it
-        command.wait(timeout=30)
-        alive = {pid for pid, f in process_stats().items() if f[0] != "Z"}
-        left = [pid for pid in children if pid in alive]
-        assert left == [], f"optuna-dashboard left running: {left}"
+    """Stopped as `kill` (SIGTERM) or Ctrl-C (SIGINT) stops it, the command leaves no
+    optuna-dashboard running."""
+    with contextlib.ExitStack() as stack:
+        commands = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):  # both start at once: one wait, not two
+            port, log = free_port(), tmp_path / f"dashboard-{sig.name}.log"
+            argv = [sys.executable, "-m", "unfreeze_hpo.cli", "dashboard", str(search)]
+            command = stack.enter_context(server([*argv, "--port", str(port)], log))
+            commands[sig] = (command, port, log)
+        for sig, (command, port, log) in commands.items():
+            body = http_get(f"http://127.0.0.1:{port}/api/studies", command, log)
+            names = [s["study_name"] for s in json.loads(body)["study_summaries"]]
+            assert names == ["search"]
+            children = [pid for pid, f in process_stats().items() if int(f[1]) == command.pid]
+            assert children, "optuna-dashboard runs as the command's child"
+            command.send_signal(sig)  # to the command alone, as `kill` or a supervisor sends it
+            command.wait(timeout=30)
+            alive = {pid for pid, f in process_stats().items() if f[0] != "Z"}
+            left = [pid for pid in children if pid in alive]
+            assert left == [], f"{sig.name}: optuna-dashboard left running: {left}"
 
 
 def test_run_dashboard_reports_a_port_in_use(search: Path) -> None:

@@ -33,10 +33,8 @@ from support import (
     SPIKY_SPACE,
     TINY_BASE,
     count_recorded,
-    free_port,
-    http_get,
+    dashboard_json,
     reap_session,
-    server,
     write,
 )
 
@@ -215,13 +213,9 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
     assert abs(before.datetime_start.timestamp() - (now - 90)) < 1e-3
     assert abs(before.datetime_complete.timestamp() - (now - 60)) < 1e-3
 
-    port, log = free_port(), tmp_path / "dashboard.log"
-    argv = [str(Path(sys.executable).parent / "optuna-dashboard"), url, "--port", str(port)]
-    with server(argv, log) as dashboard:
-        studies = json.loads(http_get(f"http://127.0.0.1:{port}/api/studies", dashboard, log))
-        (summary,) = studies["study_summaries"]
-        detail_url = f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}"
-        detail = json.loads(http_get(detail_url, dashboard, log))
+    # optuna-dashboard's own API, served in-process by its WSGI app.
+    (summary,) = dashboard_json(url, "/api/studies")["study_summaries"]
+    detail = dashboard_json(url, f"/api/studies/{summary['study_id']}")
     assert detail["objective_names"] == ["best_val_acc"]
     durations = {
         t["number"]: (
