@@ -171,26 +171,31 @@ def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
 # ---------------------------------------------------------------------------------------------
 # No Ray needed
 
+UNIT_CONFIG = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
+
+
+def unit_recorder(tmp_path: Path, name: str, space: Path) -> tuple[str, StudyRecorder]:
+    """A study recorder on a fresh SQLite study, fed by hand (no Ray); the study's URL."""
+    url = f"sqlite:///{tmp_path / STUDY_FILE}"
+    recorder = StudyRecorder(url, name, "best_val_acc", "max", load_space(space), SimpleNamespace())
+    recorder.setup()
+    return url, recorder
+
 
 def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
     tmp_path: Path, spiky_space_file: Path
 ) -> None:
     """What Optuna's own tools read: each trial's real start and end (the dashboard's Timeline and
     durations) and the objective's name, through Optuna's API and optuna-dashboard's."""
-    url = f"sqlite:///{tmp_path / STUDY_FILE}"
-    recorder = StudyRecorder(
-        url, "spans", "best_val_acc", "max", load_space(spiky_space_file), SimpleNamespace()
-    )
-    recorder.setup()
+    url, recorder = unit_recorder(tmp_path, "spans", spiky_space_file)
     now = time.time()
-    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
     for trial_id, started, last_result in (
         ("here", now - 30, now - 1),
         ("before", now - 90, now - 60),
     ):
         trial = SimpleNamespace(
             trial_id=trial_id,
-            config=config,
+            config=UNIT_CONFIG,
             status="TERMINATED",
             last_result={"best_val_acc": 0.5, "training_iteration": 1},
             run_metadata=SimpleNamespace(start_time=started, last_result_time=last_result),
@@ -233,17 +238,12 @@ def test_trials_an_interrupt_stopped_before_a_result_end_the_search_cleanly(
     """Ctrl+C while trials come up: Ray marks them TERMINATED, and its metadata says their last
     result came at -inf. One whose worker never started is left to the rerun (its snapshot says
     PENDING); one that started in an earlier driver keeps its start and ends now."""
-    url = f"sqlite:///{tmp_path / STUDY_FILE}"
-    recorder = StudyRecorder(
-        url, "stopped", "best_val_acc", "max", load_space(spiky_space_file), SimpleNamespace()
-    )
-    recorder.setup()
+    url, recorder = unit_recorder(tmp_path, "stopped", spiky_space_file)
     now = time.time()
-    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
     trials = [
         SimpleNamespace(
             trial_id=trial_id,
-            config=config,
+            config=UNIT_CONFIG,
             status="TERMINATED",
             last_result={},
             run_metadata=SimpleNamespace(start_time=started, last_result_time=float("-inf")),
@@ -268,10 +268,9 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
     scheduler = SimpleNamespace(reasons={"t1": "loss x9 over baseline after unfreezing block 0"})
     recorder = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
     recorder.setup()
-    config = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
     trial = SimpleNamespace(
         trial_id="t1",
-        config=config,
+        config=UNIT_CONFIG,
         last_result={"best_val_acc": 0.5, "training_iteration": 3, "val_loss": math.nan},
         local_path=str(tmp_path / "t1"),
     )
@@ -300,7 +299,7 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
     assert only.params == {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0}
     assert only.user_attrs["ray_trial_id"] == "t1"
     assert only.user_attrs["reason"] == scheduler.reasons["t1"]
-    assert only.user_attrs["config"] == config
+    assert only.user_attrs["config"] == UNIT_CONFIG
     assert only.user_attrs["final"] == {
         "best_val_acc": 0.375,
         "training_iteration": 3,
