@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from support import require_real
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -51,3 +53,16 @@ def test_search_quality_quick(tmp_path: Path) -> None:
         assert accuracies(figures[name]["values"])
         assert len(figures[name]["searched_minus"]) == len(figures[name]["values"])
     assert figures["budget"] == 2
+
+
+def test_real_transfer_quick(tmp_path: Path) -> None:
+    """Needs the `real` extra: skipped without it, failed instead with CI set."""
+    require_real()
+    figures = run_quick("real_transfer.py", tmp_path)["figures"]
+    preprocessings = [name for name in figures if name != "settings"]
+    assert len(preprocessings) == 2
+    for name in preprocessings:
+        arms = {arm: v for arm, v in figures[name].items() if arm != "full_minus_bare"}
+        assert {"full fine-tuning", "bare timm + torch full fine-tuning"} <= set(arms)
+        assert len(arms) == 5
+        assert all(accuracies(arm["values"]) and len(arm["values"]) == 1 for arm in arms.values())
