@@ -368,6 +368,52 @@ def test_export_then_replay_reproduces_the_trials_final_metric(
     assert [e["blocks"] for e in summary.timeline] == [e["blocks"] for e in record["timeline"]]
 
 
+def test_the_test_split_is_shown_beside_the_objective_where_trials_measured_it(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`trials`, `best`, the exported schedule's header and the report's table show the test
+    accuracy at the best val epoch for trials whose data had a test split, and no such column
+    for a search without one."""
+    from unfreeze_hpo.results import report
+
+    assert "test_acc" not in listing.trials_table(results.open_search(searched.folder)).columns
+    folder = tmp_path / "with-test"
+    shutil.copytree(searched.folder, folder)
+    search = results.open_search(folder)
+    assert str(folder) in search.study_url  # the copy's own study: the fixture's stays as it is
+    study = search.study
+    best = best_complete(searched)
+    final = {**best.user_attrs["final"], "test_acc_at_best": 0.6125}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=State.COMPLETE,
+            value=best.value + 0.1,
+            params=best.params,
+            distributions=best.distributions,
+            user_attrs={**best.user_attrs, "ray_trial_id": "with-test", "final": final},
+            intermediate_values=best.intermediate_values,
+        )
+    )
+    number = len(study.trials) - 1
+
+    code, out, err = run(capsys, "trials", str(folder), "--format", "csv")
+    assert code == 0, err
+    rows = {int(r["number"]): r for r in pd.read_csv(io.StringIO(out)).to_dict("records")}
+    assert rows[number]["test_acc"] == 0.6125
+    assert all(math.isnan(r["test_acc"]) for n, r in rows.items() if n != number)
+    code, out, err = run(capsys, "best", str(folder), "--format", "csv")
+    assert code == 0, err
+    assert pd.read_csv(io.StringIO(out)).to_dict("records")[0]["test_acc"] == 0.6125
+    schedule = tmp_path / "schedule.yaml"
+    code, out, err = run(capsys, "export", str(folder), "--out", str(schedule))
+    assert code == 0, err
+    assert "test acc 0.6125 at the best val epoch" in schedule.read_text()
+    records = report.read_trials(study, folder)
+    table = report.trials_table(records, search.metric)
+    shown = dict(zip(table["trial"], table["test acc (at best val)"], strict=True))
+    assert shown[number] == 0.6125
+
+
 def test_export_refuses_bad_trial_numbers_and_incomplete_trials(
     tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
