@@ -125,16 +125,16 @@ class StudyRecorder(tune.Callback):
         # Trials that ended in an earlier run of the search but are missing from the study (its
         # database was down then). A trial that ran here and ended without on_trial_complete or
         # on_trial_error was stopped by an interrupt: its snapshot resumes it, so not recorded.
-        # So was one that never started anywhere (an interrupt stops a trial whose worker is
-        # still coming up: Ray marks it TERMINATED after its last snapshot said PENDING).
+        # So was a TERMINATED one that never started anywhere (an interrupt stops a trial whose
+        # worker is still coming up: Ray marks it TERMINATED after its last snapshot said PENDING).
         for trial in trials:
-            if trial.trial_id in self._active or _never_started(trial):
+            if trial.trial_id in self._active:
                 continue
             if trial.status == "ERROR":
                 self._waiting.setdefault(
                     trial.trial_id, (trial, optuna.trial.TrialState.FAIL, error_reason(trial))
                 )
-            elif trial.status == "TERMINATED":
+            elif trial.status == "TERMINATED" and not _never_started(trial):
                 self._waiting.setdefault(trial.trial_id, (trial, *self._verdict(trial)))
         self._flush(patience_s=self.retry_s)
         if self._waiting:
