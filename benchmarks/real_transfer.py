@@ -19,9 +19,11 @@ and the best gradual setting ``--explore`` found on val (BEST_GRADUAL), and full
 a bare loop that imports nothing from unfreeze_hpo: it runs in a child process
 (``real_transfer.py --bare``) that exits 1 if any unfreeze_hpo module was imported, and uses the
 same weights file, split, transforms (compared with the product's: exit 1 if they differ),
-optimizer, LR schedule, epochs, batch size, seeding, data order and threads. Each arm's figure
-is the test accuracy at the epoch of best val accuracy (the product's ``test_acc_at_best``),
-mean and sample standard deviation over seeds 0..--seeds-1.
+optimizer (fused AdamW, as the product's), LR schedule, epochs, batch size, seeding, data order,
+per-sample augmentation seeds (each sample drawn under generators seeded from numpy's
+``SeedSequence([seed, epoch, index])``, as the product's loaders draw it) and threads. Each
+arm's figure is the test accuracy at the epoch of best val accuracy (the product's
+``test_acc_at_best``), mean and sample standard deviation over seeds 0..--seeds-1.
 
 Exits 1 unless, at both preprocessings, the product's full fine-tuning matches the bare loop
 within seed noise: |mean difference| <= 2 x the larger of the two standard deviations + 0.01.
@@ -98,6 +100,32 @@ def describe(transform: Any) -> str:
     return " -> ".join(" ".join(repr(t).split()) for t in getattr(transform, "transforms", []))
 
 
+class PerSampleSeeds(torch.utils.data.Dataset[Any]):
+    """A dataset whose sample ``i`` of epoch ``epoch`` is drawn under torch, ``random`` and
+    numpy seeded from ``(seed, epoch, i)``; the generators' states are restored after."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        import numpy as np
+
+        state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        draw = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        torch.manual_seed(draw)
+        random.seed(draw)
+        np.random.seed(draw)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state[0])
+            random.setstate(state[1])
+            np.random.set_state(state[2])
+
+
 def bare_run(job: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune the whole model the way a timm user writes it; test accuracy at best val."""
     import timm
@@ -125,13 +153,13 @@ def bare_run(job: dict[str, Any]) -> dict[str, Any]:
     train_tf = create_transform(**data_cfg, is_training=job["augment"])
     eval_tf = create_transform(**data_cfg, is_training=False)
     root = Path(job["root"])
-    train_set = ImageFolder(str(root / "train"), train_tf)
+    train_set = PerSampleSeeds(ImageFolder(str(root / "train"), train_tf), seed)
     val_set, test_set = (ImageFolder(str(root / s), eval_tf) for s in ("val", "test"))
     model.to(device)
 
     steps = epochs * math.ceil(len(train_set) / batch_size)
     groups = param_groups_weight_decay(model, job["weight_decay"])
-    optimizer = torch.optim.AdamW(groups, lr=job["lr"])
+    optimizer = torch.optim.AdamW(groups, lr=job["lr"], fused=True)
 
     def cosine(step: int) -> float:  # the LR factor of each step, set before it
         return 0.5 * (1 + math.cos(math.pi * min(1.0, step / steps)))
@@ -152,6 +180,7 @@ def bare_run(job: dict[str, Any]) -> dict[str, Any]:
         model.train()
         # Shuffled by a generator seeded per epoch, as the product's loop does (same order).
         order = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        train_set.epoch = epoch
         for inputs, labels in DataLoader(train_set, batch_size, shuffle=True, generator=order):
             inputs, labels = inputs.to(device), labels.to(device)
             loss = torch.nn.functional.cross_entropy(model(inputs), labels)

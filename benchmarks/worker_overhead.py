@@ -9,22 +9,22 @@ training with the freezing written inline, as the ratio of median train-step tim
 
 Both arms train ``pytorchvideo:resnet3d_tiny`` (random init) on the synthetic target clips
 (3x4x32x32, batch 32, 16 steps an epoch) for 4 epochs with the same seed, the same model build,
-the same data in the same order (a DataLoader with the trial's per-epoch generator), AdamW with
-one param group per block plus the head, the same cosine LR schedule with warmup, the same
+the same data in the same order (a DataLoader with the trial's per-epoch generator), fused AdamW
+with one param group per block plus the head, the same cosine LR schedule with warmup, the same
 per-block LR scales and unfreeze warmup, gradient clipping at 1.0, frozen blocks' BatchNorm in
 eval mode, and the same unfreezing schedule (early_gradual: frozen for 1 epoch, then 2 more blocks
 an epoch). The bare arm computes all of that inline; our arm is ``train.run`` on a TrialConfig.
 
 What is timed: train steps only, in both arms alike. Each arm's training iterable is wrapped in
-a timestamping iterator (for our arm by wrapping ``train._loader``, the function that makes an
-epoch's DataLoader); a step's time is the interval between consecutive batch fetches (the last
-step of an epoch ends when the loader is exhausted), so it covers the data fetch, setting the
-LRs, forward, backward, clipping, the optimizer step and whatever per-step bookkeeping the loop
-does (our spike monitor, skip counting). Per-epoch work between epochs (plan and freeze, our
-validation, drift probe, metrics files and checkpoint) is outside every step and excluded from
-both; its share of our epoch time is printed separately, for information. The first
-``--skip-steps`` steps of every run are dropped (warm-up), each run gives its median step time,
-and runs alternate ours, bare, ours, bare ... after one warm-up round of each
+a timestamping iterator (for our arm by wrapping ``loading.batches``, which hands out an epoch of
+the trial's training loader); a step's time is the interval between consecutive batch fetches
+(the last step of an epoch ends when the loader is exhausted), so it covers the data fetch,
+setting the LRs, forward, backward, clipping, the optimizer step and whatever per-step
+bookkeeping the loop does (our spike monitor, skip counting). Per-epoch work between epochs
+(plan and freeze, our validation, drift probe, metrics files and checkpoint) is outside every
+step and excluded from both; its share of our epoch time is printed separately, for
+information. The first ``--skip-steps`` steps of every run are dropped (warm-up), each run gives
+its median step time, and runs alternate ours, bare, ours, bare ... after one warm-up round of each
 (``common.interleave``). The figure is the ratio of the medians (ours / bare). With
 ``--clock cpu`` a step's time is this process's CPU time instead of wall time: with
 ``--threads 1`` that leaves out the time other processes hold the cores, for a busy machine (with
@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader
 from unfreeze_hpo import data, train
 from unfreeze_hpo.blocks import discover
 from unfreeze_hpo.config import TrialConfig, from_dict
+from unfreeze_hpo.data import loading
 from unfreeze_hpo.models import build
 
 # Wall time, or this process's CPU time: with --threads 1 on a shared machine, CPU time leaves
@@ -139,20 +140,23 @@ class Stamped:
 
 @contextlib.contextmanager
 def stamped_trial_loader(epochs: list[list[float]], clock: Callable[[], float]) -> Iterator[None]:
-    """Make ``train.run`` hand out its batches through ``Stamped``, one stamp list per epoch.
-    (train.run has no per-step hook, so its private loader factory is wrapped here.)"""
-    original = train._loader
+    """Make ``train.run`` hand out its training batches through ``Stamped``, one stamp list per
+    epoch. (train.run has no per-step hook, so the function its loop gets batches from is
+    wrapped here; validation's loader, not shuffled, passes through unstamped.)"""
+    original = loading.batches
 
-    def loader(trial: Any, epoch: int) -> Any:
+    def batches(loader: Any, epoch: int) -> Any:
+        if not loader.sampler.shuffle:
+            return original(loader, epoch)
         stamps: list[float] = []
         epochs.append(stamps)
-        return Stamped(original(trial, epoch), stamps, clock)
+        return Stamped(original(loader, epoch), stamps, clock)
 
-    train._loader = loader
+    loading.batches = batches  # type: ignore[assignment]
     try:
         yield
     finally:
-        train._loader = original
+        loading.batches = original  # type: ignore[assignment]
 
 
 def step_times(epochs: list[list[float]], skip: int) -> list[float]:
@@ -244,6 +248,7 @@ def bare(args: Any) -> dict[str, Any]:
             if members
         ],
         lr=opt.lr,
+        fused=True,  # as the trial's optimizer: the same kernels, the same numbers
     )
     # The groups of block i (the head last), for setting their shared LR.
     groups: list[list[dict[str, Any]]] = []

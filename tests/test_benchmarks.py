@@ -66,3 +66,11 @@ def test_real_transfer_quick(tmp_path: Path) -> None:
         assert {"full fine-tuning", "bare timm + torch full fine-tuning"} <= set(arms)
         assert len(arms) == 5
         assert all(accuracies(arm["values"]) and len(arm["values"]) == 1 for arm in arms.values())
+
+
+def test_loaders_quick(tmp_path: Path) -> None:
+    figures = run_quick("loaders.py", tmp_path)["figures"]
+    rows = [f"{data} workers={w}" for data in ("images", "videos") for w in (0, 1)]
+    for row in rows:
+        assert all(figures[f"{row} {arm}"]["median"] > 0 for arm in ("ours", "bare", "ours/bare"))
+    assert figures["quick"] is True

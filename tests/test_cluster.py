@@ -317,10 +317,11 @@ def test_submit_refuses_paths_that_only_exist_here(
         TINY_BASE.replace("kind: synthetic_video", "kind: video_folder, root: clips")
     )
     argv = ["submit", "--working-dir", str(tmp_path), "--base", "base.yaml", "--num-trials", "0"]
-    code = main(argv)
+    code = main([*argv, "--weights-cache", "weights"])
     assert code == 2
     err = capsys.readouterr().err
     assert "--storage-path: " in err and "relative" in err  # default unfreeze-runs
+    assert "--weights-cache: relative" in err and "/nfs/weights" in err
     assert "data.root: " in err and "absolute path" in err
     assert "--num-trials: " in err
 
@@ -376,13 +377,17 @@ def test_the_entrypoint_carries_every_given_option(tmp_path: Path) -> None:
         "asha": {"grace_period": "2"},
         "pruning": {"require_recovery": False, "max_val_drop": "0.1"},
         "log_to": "mlflow",
+        "checkpoint_every": "3",
+        "checkpoints_kept": "4",
+        "weights_cache": "/nfs/weights",
     }
     submission = jobs.prepare(values, tmp_path)
     # In SearchConfig's order, nested settings by the flags `search` takes (search_options).
     assert submission.entrypoint == (
         "python -m unfreeze_hpo.cli search --name x --storage-path /nfs/runs --base base.yaml "
         "--gpus-per-trial 0.5 --grace-period 2 --no-prune-unrecovered --max-val-drop 0.1 "
-        "--study-storage sqlite:////nfs/runs/x.db --no-preflight --log-to mlflow --address auto"
+        "--study-storage sqlite:////nfs/runs/x.db --no-preflight --checkpoint-every 3 "
+        "--checkpoints-kept 4 --weights-cache /nfs/weights --log-to mlflow --address auto"
     )
     # What the job runs is what was given: its arguments parse back to the same options.
     argv = shlex.split(submission.entrypoint)[4:]

@@ -312,6 +312,7 @@ FULL: dict[str, Any] = {
         "kwargs": {"drop_rate": 0.1, "depths": [1, 2], "extra": {"a": None}},
         "granularity": "coarse",
         "matcher": {"stem": "^conv1", "blocks": r"^layers\.(\d+)"},
+        "grad_checkpointing": True,
     },
     "data": {
         "kind": "synthetic_image",
@@ -345,6 +346,7 @@ FULL: dict[str, Any] = {
         "layer_decay": 0.7,
         "unfreeze_warmup_steps": 10,
         "grad_clip": 0.0,
+        "accumulate_steps": 4,
     },
     "schedule": {"kind": "constant", "warmup_steps": 5, "min_lr_ratio": 0.1},
     "signals": {"baseline_steps": 4, "window_steps": 6},
@@ -359,6 +361,7 @@ FULL: dict[str, Any] = {
     "frozen_norm_eval": False,
     "max_nonfinite_steps": 3,
     "num_workers": 2,
+    "prefetch_factor": 4,
     "provenance": {"search": "demo", "trial": 3, "timeline": [{"epoch": 1, "n_trainable": 2}]},
 }
 

@@ -111,6 +111,47 @@ def test_a_killed_worker_is_retried_from_its_checkpoint(tmp_path: Path) -> None:
     assert_nothing_lost(cfg.folder, 2, faults_log=log)
 
 
+def test_checkpoints_follow_the_policy_and_a_retry_redoes_the_epochs_after_the_last(
+    tmp_path: Path,
+) -> None:
+    # 8 epochs, a checkpoint every 2 (epochs 1, 3, 5, 7), 3 kept; the worker dies after training
+    # epoch 4, before its report.
+    cfg, log = fault_search(
+        tmp_path,
+        {"kind": "exit", "epoch": 4, "trials": 1},
+        trials=1,
+        base={"epochs": 8},
+        checkpoint_every=2,
+        checkpoints_kept=3,
+    )
+    (killed,) = hit(cfg, log)
+    assert killed.state == State.COMPLETE
+    assert killed.user_attrs["restarts"] == 1
+    (trial_dir,) = [p.parent for p in (cfg.folder / "ray").glob("*/result.json")]
+    rows = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    # Tune recorded a checkpoint with the odd epochs' results only.
+    marked = {int(r["epoch"]) for r in rows if r["checkpoint_dir_name"] is not None}
+    assert marked == {1, 3, 5, 7}, rows
+    assert all(r["checkpoint_dir_name"] is None for r in rows if int(r["epoch"]) % 2 == 0)
+    # The retry resumed from the last checkpoint Ray had (epoch 3's: the kill came a whole
+    # epoch after its report) and redid the epochs after it, each once.
+    epochs = [int(r["epoch"]) for r in rows]
+    assert epochs == [0, 1, 2, 3, 4, 5, 6, 7], epochs  # epoch 4 died before its report
+    kept = sorted(trial_dir.glob("checkpoint_*"))
+    assert [checkpointed_epochs(k)[-1] for k in kept] == [3, 5, 7]
+    assert checkpointed_epochs(kept[-1]) == list(range(8))
+    train_log = (kept[-1] / "train.log").read_text()
+    assert "at epoch 4 (step " in train_log.split("resumed from", 1)[-1], train_log
+    assert_nothing_lost(cfg.folder, 1, faults_log=log)
+
+
+def checkpointed_epochs(checkpoint: Path) -> list[int]:
+    """The epochs a Ray checkpoint's metrics.jsonl holds: a copy made when it was reported,
+    never a link to the trial's growing file."""
+    lines = (checkpoint / "metrics.jsonl").read_text().splitlines()
+    return [int(json.loads(line)["metrics"]["epoch"]) for line in lines]
+
+
 def test_a_worker_killed_every_attempt_fails_after_max_failures(tmp_path: Path) -> None:
     fault = {"kind": "exit", "epoch": 1, "trials": 1, "every_attempt": True}
     cfg, log = fault_search(tmp_path, fault, max_failures=1)

@@ -37,6 +37,7 @@ from support import (
     reap_session,
     write,
 )
+from support import run as run_cli
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.search.driver import PreflightFailed, run_search
@@ -125,6 +126,8 @@ def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
         *("--base", str(base_file), "--space", str(spiky_space_file)),
         *("--num-trials", "8", "--max-concurrent", "2", "--cpus-per-trial", "1"),
         *("--scheduler", "fifo", "--prune-loss-ratio", str(PRUNE_LOSS_RATIO), "--no-preflight"),
+        # Checkpoints at epochs 1 and 3 only: a trial cut short resumes from its last one.
+        *("--checkpoint-every", "2"),
     ]
     db = cfg.folder / STUDY_FILE
     sessions: list[int] = []
@@ -355,7 +358,7 @@ def test_recorder_after_a_driver_restart_takes_the_early_epochs_from_the_checkpo
 
 
 def test_failing_preflight_stops_the_search_before_any_trial(
-    tmp_path: Path, spiky_space_file: Path, capsys: pytest.CaptureFixture[str]
+    ray_session: None, tmp_path: Path, spiky_space_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     base = write(tmp_path / "slow.yaml", TINY_BASE + "optimizer: {lr: 1e-9}\n")
     cfg = search_config(tmp_path, "preflight", base, spiky_space_file, preflight=True)
@@ -363,6 +366,9 @@ def test_failing_preflight_stops_the_search_before_any_trial(
     with pytest.raises(PreflightFailed, match="loss falls"):
         run_search(cfg, log=lines.append)
     assert any("diagnosis" in line for line in lines), lines
+    # It ran where trials run: in a Ray worker holding one trial's resources, not the driver.
+    (where,) = [line for line in lines if line.startswith("preflight: ran in Ray worker pid ")]
+    assert int(where.split()[6]) != os.getpid(), where
     assert not (cfg.folder / "ray").exists()
     assert recorded(cfg) == []
 
@@ -391,6 +397,21 @@ def test_search_option_errors_exit_2_all_listed_nothing_created(
     assert code == 2
     assert "--num-trials" in err
     assert "--mode" in err
+    assert "Traceback" not in out + err
+    assert not runs.exists()
+
+
+def test_checkpoint_options_out_of_range_are_refused_naming_their_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    argv = ["search", "--checkpoints-kept", "0", "--checkpoint-every", "0"]
+    code = main([*argv, "--storage-path", str(runs)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "--checkpoints-kept: a trial must keep its latest checkpoint" in err, err
+    assert "(got 0); fix: use 1 or more" in err, err
+    assert "--checkpoint-every: out of range (got 0); fix: use a value >= 1" in err, err
     assert "Traceback" not in out + err
     assert not runs.exists()
 
@@ -651,3 +672,106 @@ def test_trial_failed_survives_copy_and_pickle() -> None:
     for clone in (copy.copy(failed), pickle.loads(pickle.dumps(failed))):
         assert str(clone) == str(failed)
         assert (clone.reason, clone.epoch, clone.step) == ("diverged", 0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub weights: fetched once per node before any trial, an unreachable hub one clear error
+
+TIMM_BASE: dict[str, Any] = {
+    "model": {"name": "timm:test_resnet", "pretrained": True},
+    "data": {"kind": "synthetic_image", "train_samples": 8, "val_samples": 4, "size": 32},
+    "epochs": 1,
+    "batch_size": 4,
+}
+FROZEN_SPACE = """\
+strategy: frozen
+common:
+  optimizer.lr: {type: float, low: 1e-3, high: 3e-2, log: true}
+"""
+
+
+@contextlib.contextmanager
+def weights_server(folder: Path) -> Any:
+    """A loopback HTTP server of ``folder``'s files; yields (its URL, the paths requested)."""
+    import functools
+    import http.server
+    import threading
+
+    requested: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requested.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hub_weights_are_downloaded_once_for_a_search_of_several_trials(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import timm
+    import torch
+
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save(timm.create_model("test_resnet").state_dict(), served / "test_resnet.pth")
+    cache = tmp_path / "weights"
+    with weights_server(served) as (url, requested):
+        overlay = {"url": f"{url}/test_resnet.pth", "hf_hub_id": None}
+        trial = {**TIMM_BASE, "model": {**TIMM_BASE["model"], "kwargs": {}}}
+        trial["model"]["kwargs"] = {"pretrained_cfg_overlay": overlay}
+        base = write(tmp_path / "base.yaml", json.dumps(trial))
+        space = write(tmp_path / "space.yaml", FROZEN_SPACE)
+        code, out, err = run_cli(
+            capsys,
+            "search",
+            *("--name", "hub", "--storage-path", str(tmp_path / "runs")),
+            *("--base", str(base), "--space", str(space), "--num-trials", "3"),
+            *("--max-concurrent", "2", "--scheduler", "fifo", "--no-recipes", "--no-preflight"),
+            *("--weights-cache", str(cache)),
+        )
+    assert code == 0, out + err
+    assert "trials: 3 complete" in out, out
+    # One download, for the node, before the three trials: they found the file in the cache.
+    assert requested == ["/test_resnet.pth"], requested
+    assert (cache / "timm" / "test_resnet.pth").is_file()
+
+
+def test_an_unreachable_hub_is_one_clear_error_before_any_trial(
+    ray_session: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # This machine reaches no hub. timm:resnet18's weights from their URL (GitHub; the Hugging
+    # Face hub fails the same way, after huggingface_hub's own retries of about 25 s).
+    trial = {**TIMM_BASE, "model": {"name": "timm:resnet18", "pretrained": True}}
+    trial["model"]["kwargs"] = {"pretrained_cfg_overlay": {"hf_hub_id": None}}
+    base = write(tmp_path / "base.yaml", json.dumps(trial))
+    space = write(tmp_path / "space.yaml", FROZEN_SPACE)
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(
+        capsys,
+        "search",
+        *("--name", "offline", "--storage-path", str(runs), "--base", str(base)),
+        *("--space", str(space), "--num-trials", "2", "--weights-cache", str(tmp_path / "w")),
+    )
+    assert code == 2, out + err
+    (problem,) = [line for line in err.splitlines() if line.startswith("  ")]
+    assert problem.startswith("  model.pretrained: cannot get the hub weights of timm:resnet18")
+    assert "https://github.com/huggingface/pytorch-image-models/releases/download/" in problem
+    assert f"download resnet18_a1_0-d63eafa0.pth into {tmp_path / 'w' / 'timm'}" in problem
+    assert "model.pretrained_file" in problem
+    assert "Traceback" not in out + err and "RayTaskError" not in out + err
+    assert not (runs / "offline" / "search.yaml").exists()
+    assert not (runs / "offline" / "ray").exists()

@@ -71,10 +71,10 @@ def rows(out: Path) -> list[dict[str, Any]]:
 
 
 def comparable(out: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows without the one value that may differ between equal runs."""
+    """metrics.jsonl rows without the values that may differ between equal runs."""
     found = rows(out)
     for row in found:
-        del row["metrics"]["epoch_seconds"]
+        del row["metrics"]["epoch_seconds"], row["metrics"]["peak_memory_mb"]
     return found
 
 
@@ -198,27 +198,26 @@ def on_setup(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[train.Trial
 
 @dataclass
 class StepRecord:
-    outcome: train.StepOutcome
+    skipped: str | None  # the step's skip reason, read back from the device
     params_unchanged: bool
 
 
 @pytest.fixture
 def step_records(monkeypatch: pytest.MonkeyPatch) -> list[StepRecord]:
-    """Every ``train_step`` outcome, and whether the step left every parameter bit-identical."""
+    """Every optimizer step's skip reason, and whether the step left every parameter
+    bit-identical."""
     records: list[StepRecord] = []
-    original = train.train_step
+    original = train.optimizer_step
 
-    def spy(
-        trial: train.Trial, inputs: torch.Tensor, labels: torch.Tensor, params: Any
-    ) -> train.StepOutcome:
+    def spy(trial: train.Trial, loss: torch.Tensor, params: Any) -> train.StepOutcome:
         before = [p.detach().clone() for p in trial.model.parameters()]
-        outcome = original(trial, inputs, labels, params)
+        outcome = original(trial, loss, params)
         after = list(trial.model.parameters())
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-        records.append(StepRecord(outcome, unchanged))
+        records.append(StepRecord(outcome.read()[2], unchanged))
         return outcome
 
-    monkeypatch.setattr(train, "train_step", spy)
+    monkeypatch.setattr(train, "optimizer_step", spy)
     return records
 
 
@@ -528,11 +527,11 @@ def test_nan_loss_steps_are_skipped_and_counted(
     on_setup(lambda trial: nan_logits_at(trial, lambda call: call in (4, 5)))
     summary = train.run(make_cfg(tmp_path, epochs=2), log=quiet)
     assert summary.epochs_run == 2 and summary.steps == 2 * STEPS_PER_EPOCH
-    skipped = [i for i, r in enumerate(step_records) if r.outcome.skipped]
+    skipped = [i for i, r in enumerate(step_records) if r.skipped]
     assert skipped == [4, 5]
     for i, record in enumerate(step_records):
         if i in skipped:
-            assert record.outcome.skipped == "nonfinite_loss"
+            assert record.skipped == "nonfinite_loss"
             assert record.params_unchanged
         else:
             assert not record.params_unchanged
@@ -572,7 +571,7 @@ def test_inf_gradient_without_amp_skips_the_step(
     on_setup(trials.append)
     on_setup(lambda trial: inf_grad_at(head_param(trial), backward=2))
     train.run(make_cfg(tmp_path, epochs=1), log=quiet)
-    assert [r.outcome.skipped for r in step_records] == [None, None, "nonfinite_grad", None]
+    assert [r.skipped for r in step_records] == [None, None, "nonfinite_grad", None]
     assert [r.params_unchanged for r in step_records] == [False, False, True, False]
     assert adam_steps(trials[0], head_param(trials[0])) == 3
     (row,) = rows(tmp_path)
@@ -590,11 +589,11 @@ def test_inf_gradient_with_fp16_is_skipped_by_the_grad_scaler(
     on_setup(lambda trial: inf_grad_at(head_param(trial), backward=2))
     train.run(make_cfg(tmp_path, epochs=1, amp="fp16"), log=quiet)
     assert trials[0].scaler.is_enabled()
-    outcomes = [r.outcome.skipped for r in step_records]
+    outcomes = [r.skipped for r in step_records]
     assert outcomes[2] == "amp_overflow"
     assert set(outcomes) <= {None, "amp_overflow"}
     for record in step_records:
-        assert record.params_unchanged == (record.outcome.skipped is not None)
+        assert record.params_unchanged == (record.skipped is not None)
     overflows = outcomes.count("amp_overflow")
     assert adam_steps(trials[0], head_param(trials[0])) == len(outcomes) - overflows
     (row,) = rows(tmp_path)

@@ -36,6 +36,7 @@ METRICS = (
     "skipped_steps",
     "skipped_total",
     "amp_skipped_total",
+    "peak_memory_mb",
     "trainable_params",
     "frozen_params",
     "trainable_ratio",
@@ -71,6 +72,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = param({}, help="keyword arguments for the model builder")
     granularity: str = param("fine", choices=("fine", "coarse"), help="block granularity")
     matcher: dict[str, Any] | None = param(None, help="timm-style regex blocks for any model")
+    grad_checkpointing: bool = param(
+        False, help="recompute activations in backward to save memory (timm models)"
+    )
 
     def spec(self, num_classes: int) -> ModelSpec:
         return ModelSpec(
@@ -104,6 +108,9 @@ class OptimizerConfig:
     layer_decay: float = param(1.0, gt=0, le=1, help="LR factor per block further from the head")
     unfreeze_warmup_steps: int = param(0, ge=0, help="linear LR warmup after a block unfreezes")
     grad_clip: float = param(1.0, ge=0, help="max gradient norm; 0 disables clipping")
+    accumulate_steps: int = param(
+        1, ge=1, help="batches per optimizer step (gradient accumulation); steps count these"
+    )
 
     def kwargs(self) -> dict[str, Any]:
         extra = {"momentum": self.momentum} if self.name == "sgd" else {}
@@ -146,7 +153,10 @@ class TrialConfig:
     max_nonfinite_steps: int = param(
         20, ge=1, help="consecutive non-finite steps before the trial fails as diverged"
     )
-    num_workers: int = param(0, ge=0, help="DataLoader worker processes")
+    num_workers: int | None = param(
+        None, ge=0, help="DataLoader worker processes; default: the trial's CPUs minus one"
+    )
+    prefetch_factor: int = param(2, ge=1, help="batches each loader worker prepares ahead")
     faults: FaultsConfig = field(default_factory=FaultsConfig)  # reliability tests only
     provenance: dict[str, Any] | None = param(
         None,

@@ -30,7 +30,7 @@ SOURCE_SEED = 0
 SOURCE_OPTIMIZER = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.01)
 # Bump when the recipe, a small model's architecture or the synthetic data change, so that no
 # cache built by older code is reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 def source_config(cfg: TrialConfig, output_dir: str) -> TrialConfig:
@@ -66,7 +66,7 @@ def source_config(cfg: TrialConfig, output_dir: str) -> TrialConfig:
 
 def cache_key(cfg: TrialConfig) -> str:
     source = source_config(cfg, output_dir="").to_dict()
-    for volatile in ("output_dir", "device", "num_workers"):
+    for volatile in ("output_dir", "device", "num_workers", "prefetch_factor"):
         source.pop(volatile)
     blob = json.dumps({"recipe": RECIPE_VERSION, "source": source}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

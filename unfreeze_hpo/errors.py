@@ -42,6 +42,10 @@ class UserError(UnfreezeHPOError):
         assert self.problems, "a UserError needs at least one problem"
         super().__init__("\n".join(str(p) for p in self.problems))
 
+    def __reduce__(self) -> tuple[Any, tuple[tuple[Problem, ...]]]:
+        # Rebuilt from its problems, so it survives pickling (a Ray task raising it).
+        return type(self), (self.problems,)
+
 
 class ConfigError(UserError):
     """A configuration value (strategy parameter, option, range) is invalid."""

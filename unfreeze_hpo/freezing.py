@@ -36,7 +36,11 @@ def build_optimizer(
     """Two param groups per block, both named after it (``decay`` True and False), then the
     head's pair, all at LR 0 until a plan is applied. The no-decay group holds what timm and ViT
     recipes exclude from weight decay (``no_decay_names``) at weight decay 0. ``kwargs`` go to
-    the torch optimizer (weight_decay, momentum, betas …)."""
+    the torch optimizer (weight_decay, momentum, betas …).
+
+    The optimizer is torch's fused one where every parameter is on a device torch has fused
+    kernels for: besides being faster, it can skip a step on the device (``found_inf``, as the
+    GradScaler uses it), so the training loop never reads a flag back per step."""
     if name not in OPTIMIZERS:
         raise ConfigError(
             Problem(
@@ -54,6 +58,8 @@ def build_optimizer(
             if not decay:
                 group["weight_decay"] = 0.0
             groups.append(group)
+    if "fused" not in kwargs and "foreach" not in kwargs and fused_supported(params.values()):
+        kwargs = {**kwargs, "fused": True}
     try:
         return OPTIMIZERS[name]([g for g in groups if g["params"]], **kwargs)
     except (TypeError, ValueError) as exc:
@@ -65,6 +71,13 @@ def build_optimizer(
                 "pass only arguments the torch optimizer takes",
             )
         ) from exc
+
+
+def fused_supported(params: Collection[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam/AdamW/SGD kernels take every one of ``params``."""
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
+    )
 
 
 def no_decay_names(model: nn.Module, extra: Collection[str] = ()) -> set[str]:

@@ -81,9 +81,10 @@ def preflight(
         inputs, labels = next(batches)
         trial.freezer.set_lr(step)
         outcome = train_step(trial, inputs.to(trial.device), labels.to(trial.device), params)
-        losses.append(outcome.loss)
-        if outcome.skipped:
-            skipped[outcome.skipped] = skipped.get(outcome.skipped, 0) + 1
+        loss, _, reason = outcome.read()  # a short check: one read per step is fine here
+        losses.append(loss)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
 
     parts = [*trial.blocks.blocks, trial.blocks.head]
     trainable = [b for i, b in enumerate(parts) if i == n_blocks or plan.is_trainable(i)]

@@ -3,7 +3,11 @@
 Each epoch: the strategy's plan is applied and audited; each step trains with non-finite
 numbers skipped and counted, never sanitised; each epoch ends with validation (and the test
 split, when the data has one: reported, never chosen on), the drift probe, spike signals, a
-metrics line, an atomic checkpoint and a report. No Ray or pandas here.
+metrics line, an atomic checkpoint (every ``checkpoint_every`` epochs) and a report.
+
+A step never waits on the host: its loss, gradient norm and skip flag stay on the device (a
+non-finite step is skipped there, by the fused optimizer's ``found_inf``), and the loop reads
+them ``READ_EVERY`` steps at a time. No Ray or pandas here.
 """
 
 from __future__ import annotations
@@ -14,30 +18,38 @@ import os
 import pickle
 import random
 import re
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from unfreeze_hpo import data, trialdir
+from unfreeze_hpo import data, drift, memory, trialdir
 from unfreeze_hpo.blocks import Blocks
 from unfreeze_hpo.config import TrialConfig
+from unfreeze_hpo.data import loading
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer
-from unfreeze_hpo.models import build, load_checkpoint, model_input
+from unfreeze_hpo.models import build, load_checkpoint, model_input, unwrap
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
 from unfreeze_hpo.unfreezer import Unfreezer
 
 Report = Callable[[dict[str, float], Path | None], None]
 Log = Callable[[str], None]
-RESUMABLE_CHANGES = ("epochs", "output_dir", "provenance")  # config keys a resume may change
+# Config keys a resume may change: where it writes, how long it runs, how it loads data.
+RESUMABLE_CHANGES = ("epochs", "output_dir", "provenance", "num_workers", "prefetch_factor")
+# Steps between the loop's reads of its per-step values (loss, grad norm, skip flag) from the
+# device: one transfer per READ_EVERY steps instead of several per step.
+READ_EVERY = 32
+# What a step's skip code means (StepOutcome.skipped): 0, the step ran.
+SKIPPED: tuple[str | None, ...] = (None, "nonfinite_loss", "nonfinite_grad", "amp_overflow")
 
 
 class TrialFailed(UnfreezeHPOError):
@@ -83,9 +95,32 @@ class LoopState:
 
 @dataclass
 class StepOutcome:
-    loss: float
-    grad_norm: float
-    skipped: str | None  # None, "nonfinite_loss", "nonfinite_grad" or "amp_overflow"
+    """One optimizer step's values, left on the device (reading them is a host sync)."""
+
+    loss: torch.Tensor  # 0-d: mean over the step's batches
+    grad_norm: torch.Tensor  # 0-d: before clipping
+    skipped: torch.Tensor  # 0-d int: an index into SKIPPED, 0 when the step ran
+
+    def read(self) -> tuple[float, float, str | None]:
+        """The values on the host (one transfer)."""
+        loss, norm, code = torch.stack(
+            [self.loss.float(), self.grad_norm.float(), self.skipped.float()]
+        ).tolist()
+        return loss, norm, SKIPPED[int(code)]
+
+
+@dataclass
+class Loaders:
+    """The trial's DataLoaders, built once; their workers live until ``close``."""
+
+    train: DataLoader[Any]
+    val: DataLoader[Any]
+    test: DataLoader[Any] | None
+
+    def close(self) -> None:
+        for loader in (self.train, self.val, self.test):
+            if loader is not None:
+                loading.close(loader)
 
 
 @dataclass
@@ -98,7 +133,8 @@ class Trial:
     unfreezer: Unfreezer  # blocks, optimizer, plan and LR schedule: the library's own API
     scaler: torch.amp.GradScaler
     datasets: data.Datasets
-    steps_per_epoch: int
+    loaders: Loaders
+    steps_per_epoch: int  # optimizer steps
     faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
     mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -123,17 +159,46 @@ def run(
     log: Log = print,
     trial_id: str = "local",
     weights: Path | None = None,
+    cpus: float | None = None,
+    checkpoint_every: int = 1,
+    progress: bool = False,
 ) -> Summary:
     """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint.
 
     ``weights``: a backbone pretrained on another task, loaded before training with a fresh
     classifier (the embedded default's source pretraining: ``embedded.weights_for(cfg)``).
     ``trial_id`` names the trial to the fault injector of the reliability tests (no other use).
+    ``cpus``: the CPUs the trial was given (default: the process's), which set the loader
+    workers when ``num_workers`` is unset. ``checkpoint_every``: epochs between checkpoints (the
+    last epoch always has one); ``report`` gets None for the path on the others. ``progress``:
+    draw a progress bar within each epoch on stderr.
     """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        checkpoint_every = -1
+    if checkpoint_every < 1:
+        raise ConfigError(
+            Problem("--checkpoint-every", checkpoint_every, "must be an integer >= 1", "e.g. 1")
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    trial = setup(cfg, log, weights=weights)
+    trial = setup(cfg, log, weights=weights, cpus=cpus)
+    try:
+        return _run(trial, report, resume, log, trial_id, checkpoint_every, progress)
+    finally:
+        trial.loaders.close()
+
+
+def _run(
+    trial: Trial,
+    report: Report | None,
+    resume: bool,
+    log: Log,
+    trial_id: str,
+    checkpoint_every: int,
+    progress: bool,
+) -> Summary:
+    cfg, out = trial.cfg, Path(trial.cfg.output_dir)
     trial.faults = Injector(cfg.faults, trial_id)
     unfreezer = trial.unfreezer
     monitor = SpikeMonitor(
@@ -149,10 +214,13 @@ def run(
     # The loop's state (checkpointed) and the Unfreezer share the history and the step count.
     unfreezer.history, unfreezer.global_step = state.history, state.step
     sizes = trial.blocks.sizes
+    workers = trial.loaders.train.num_workers
+    accumulate = cfg.optimizer.accumulate_steps
     log(
         f"trial: {cfg.model.name}, {len(trial.blocks)} blocks, strategy {cfg.strategy}, "
-        f"{cfg.epochs} epochs x {trial.steps_per_epoch} steps, device {trial.device}, "
-        f"amp {cfg.amp}"
+        f"{cfg.epochs} epochs x {trial.steps_per_epoch} steps"
+        + (f" of {accumulate} batches" if accumulate > 1 else "")
+        + f", device {trial.device}, amp {cfg.amp}, {workers} loader workers"
     )
     for note in cfg.strategy.notes(cfg.epochs, sizes):
         log(f"note: {note}")
@@ -183,14 +251,20 @@ def run(
                     "n_trainable": plan.n_trainable,
                 }
             )
-        before = _snapshot(trial)
-        train = _train_epoch(trial, monitor, state, epoch, unfroze=event, log=log)
+        memory.reset_peak(trial.device)
+        before = drift.snapshot(trial.model, trial.blocks, plan)
+        bar = _progress_bar(trial, epoch) if progress else None
+        try:
+            train = _train_epoch(trial, monitor, state, epoch, unfroze=event, log=log, bar=bar)
+        finally:
+            if bar is not None:
+                bar.close()
         val_loss, val_acc = evaluate(trial)
         test = _test_metrics(trial)
         monitored = val_acc if cfg.monitor == "val_acc" else val_loss
         status = unfreezer.on_epoch_end({cfg.monitor: monitored})  # history, audit, status
         monitor.on_epoch_end(epoch, monitored)
-        drift = _drift(trial, before, steps_taken=train["steps_taken"])
+        moved = drift.drift(trial.model, trial.blocks, plan, before, train["steps_taken"])
         if val_acc > state.best_val_acc:
             state.best_val_acc, state.best_epoch = val_acc, epoch
             state.test_acc_at_best = test.get("test_acc")
@@ -209,6 +283,7 @@ def run(
             "skipped_steps": train["skipped"],
             "skipped_total": float(state.skipped_total),
             "amp_skipped_total": float(state.amp_skipped_total),
+            "peak_memory_mb": memory.peak_mb(trial.device),
             "trainable_params": float(status.trainable),
             "frozen_params": float(status.frozen),
             "trainable_ratio": status.trainable_ratio,
@@ -218,13 +293,15 @@ def run(
             "spike_window_steps": float(cfg.signals.window_steps),
             "epoch_seconds": time.perf_counter() - started,
             **{f"lr/{name}": lr for name, lr in unfreezer.freezer.lrs().items()},
-            **drift,
+            **moved,
             **monitor.metrics(),
         }
         if trial.faults:
             trial.faults.after_epoch(epoch, metrics)
         state.epoch = epoch + 1
-        checkpoint = _save_checkpoint(trial, monitor, state, out)
+        checkpoint = None
+        if state.epoch % checkpoint_every == 0 or state.epoch == cfg.epochs:
+            checkpoint = _save_checkpoint(trial, monitor, state, out)
         trialdir.append(out, metrics, status.unfrozen)
         trialdir.write_csv(out)  # rewritten each epoch, so a failed trial still leaves its table
         log(_epoch_line(cfg, metrics))
@@ -244,9 +321,11 @@ def run(
     )
 
 
-def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) -> Trial:
-    """Data, model (with its weights; see ``run`` for ``weights``), blocks, optimizer and
-    freezer for ``cfg``."""
+def setup(
+    cfg: TrialConfig, log: Log = print, *, weights: Path | None = None, cpus: float | None = None
+) -> Trial:
+    """Data and its loaders, model (with its weights; see ``run`` for ``weights`` and
+    ``cpus``), blocks, optimizer and freezer for ``cfg``."""
     device = resolve_device(cfg.device)
     classes = data.classes(cfg.data)
     num_classes = cfg.model.num_classes or len(classes)
@@ -274,11 +353,14 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
         )
     if weights is not None:
         load_checkpoint(model, weights, fresh_classifier=True)
+    if cfg.model.grad_checkpointing:
+        _grad_checkpointing(model, cfg.model.name)
     model.to(device)
     mixup = _mixup(cfg, num_classes)
     samples = len(datasets.train)  # type: ignore[arg-type]
     # Mixup pairs samples within a batch, so a ragged last batch is dropped.
-    steps_per_epoch = samples // cfg.batch_size if mixup else math.ceil(samples / cfg.batch_size)
+    batches = samples // cfg.batch_size if mixup else math.ceil(samples / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches / cfg.optimizer.accumulate_steps)
     if steps_per_epoch < 1:
         raise ConfigError(
             Problem(
@@ -290,6 +372,22 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
         )
     unfreezer = Unfreezer.from_schedule(cfg, model, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    workers = loading.default_workers(cpus) if cfg.num_workers is None else cfg.num_workers
+
+    def loader(split: Dataset[Any], train: bool) -> DataLoader[Any]:
+        return loading.loader(
+            split,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            shuffle=train,
+            workers=workers,
+            device=device,
+            drop_last=train and mixup is not None,
+            prefetch_factor=cfg.prefetch_factor,
+        )
+
+    test = None if datasets.test is None else loader(datasets.test, train=False)
+    loaders = Loaders(loader(datasets.train, True), loader(datasets.val, False), test)
     return Trial(
         cfg,
         device,
@@ -297,9 +395,27 @@ def setup(cfg: TrialConfig, log: Log = print, *, weights: Path | None = None) ->
         unfreezer,
         scaler,
         datasets,
+        loaders,
         steps_per_epoch,
         mixup=mixup,
     )
+
+
+def _grad_checkpointing(model: nn.Module, name: str) -> None:
+    """timm's activation checkpointing (non-reentrant: blocks after a frozen, grad-free input
+    still get their gradients)."""
+    target = unwrap(model)
+    enable = getattr(target, "set_grad_checkpointing", None)
+    if enable is None:
+        raise ConfigError(
+            Problem(
+                "model.grad_checkpointing",
+                True,
+                f"{name} has no set_grad_checkpointing (timm models have it)",
+                "remove model.grad_checkpointing, or use a timm model",
+            )
+        )
+    enable(True)
 
 
 def _mixup(
@@ -322,65 +438,182 @@ def _mixup(
 def train_step(
     trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, params: Sequence[nn.Parameter]
 ) -> StepOutcome:
-    """One optimizer step. A non-finite loss or gradient skips the step; nothing is sanitised.
+    """One optimizer step on one batch (see ``backward`` and ``optimizer_step``)."""
+    return optimizer_step(trial, backward(trial, inputs, labels, 1.0), params)
+
+
+def backward(
+    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """Forward and backward of one batch, its loss weighted by ``weight`` (1 / the batches of
+    the step); returns the unweighted loss, detached, on the device.
 
     ``labels``: class indices, or soft targets (mixup), which carry their label smoothing."""
-    optimizer, scaler = trial.optimizer, trial.scaler
     with autocast(trial):
         logits = trial.model(inputs)
     smoothing = trial.cfg.label_smoothing if labels.ndim == 1 else 0.0
     loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-    loss_value = loss.item()
-    if not math.isfinite(loss_value):
-        optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss_value, math.nan, "nonfinite_loss")
-    scaler.scale(loss).backward()
+    # A non-finite loss backpropagates non-finite gradients, and the step is skipped on them.
+    trial.scaler.scale(loss * weight).backward()
+    return loss.detach()
+
+
+def optimizer_step(trial: Trial, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> StepOutcome:
+    """Unscale, clip and step on the accumulated gradients; a non-finite loss or gradient
+    skips the step on the device. Nothing is read back and nothing is sanitised."""
+    optimizer, scaler = trial.optimizer, trial.scaler
     scaler.unscale_(optimizer)
     clip = trial.cfg.optimizer.grad_clip or math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
-    skipped = None
-    if not math.isfinite(grad_norm):
-        # With fp16 the scaler skips the step itself and lowers its scale; without a scaler
-        # the step must not run at all.
-        skipped = "amp_overflow" if scaler.is_enabled() else "nonfinite_grad"
-    if skipped != "nonfinite_grad":
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else loss.new_zeros(())
+    loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(norm)
+    # With fp16 an inf gradient is the GradScaler's overflow: it skips the step (on the device,
+    # with a fused optimizer) and lowers its scale. Without a scaler the loop skips it itself.
+    overflow = SKIPPED.index("amp_overflow" if scaler.is_enabled() else "nonfinite_grad")
+    code = torch.where(loss_ok, torch.where(grad_ok, 0, overflow), SKIPPED.index("nonfinite_loss"))
+    if scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
+    else:
+        _step_unless(optimizer, code != 0)
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss_value, grad_norm, skipped)
+    return StepOutcome(loss, norm.detach(), code)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip``, decided on the device where the optimizer can."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # The protocol the GradScaler uses with fused optimizers: their kernels leave the
+        # parameters, their state and the step count as they were where found_inf is set.
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(skip):  # an optimizer without device-side skipping: one read per step
+        optimizer.step()
+
+
+class _StepValues:
+    """An epoch's per-step values: kept on the device, read ``READ_EVERY`` steps at a time,
+    then fed to the spike monitor and the divergence check in step order."""
+
+    def __init__(
+        self, trial: Trial, monitor: SpikeMonitor, state: LoopState, epoch: int, bar: Any
+    ) -> None:
+        self.trial, self.monitor, self.state, self.epoch, self.bar = (
+            trial,
+            monitor,
+            state,
+            epoch,
+            bar,
+        )
+        self.pending: list[StepOutcome] = []
+        self.next_step = state.step  # global step of pending[0]
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.skipped = 0
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.pending.append(outcome)
+        if len(self.pending) >= READ_EVERY:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        columns = [
+            torch.stack([getattr(o, name).float() for o in pending])
+            for name in ("loss", "grad_norm", "skipped")
+        ]
+        rows = torch.stack(columns, dim=1).tolist()  # the one read of these steps
+        state, cfg = self.state, self.trial.cfg
+        for loss, norm, code in rows:
+            reason = SKIPPED[int(code)]
+            step, self.next_step = self.next_step, self.next_step + 1
+            # A step whose loss was already non-finite has no meaningful gradient norm.
+            self.monitor.update(step, loss, math.nan if reason == "nonfinite_loss" else norm)
+            if reason is None:
+                state.nonfinite_streak = 0
+                self.losses.append(loss)
+                self.norms.append(norm)
+                continue
+            self.skipped += 1
+            state.nonfinite_streak += 1
+            state.skipped_total += 1
+            state.amp_skipped_total += reason == "amp_overflow"
+            if state.nonfinite_streak >= cfg.max_nonfinite_steps:
+                raise TrialFailed(
+                    "diverged",
+                    f"{state.nonfinite_streak} consecutive steps with non-finite "
+                    f"loss or gradients (last: {reason})",
+                    self.epoch,
+                    step + 1,
+                )
+        if self.bar is not None and self.losses:
+            self.bar.set_postfix_str(f"loss {self.losses[-1]:.4f}")  # redraws the bar
+
+    def summary(self) -> dict[str, float]:
+        self.read()
+        return {
+            "loss": _mean(self.losses),
+            "grad_norm": _mean(self.norms),
+            "grad_norm_max": max(self.norms, default=0.0),
+            "skipped": float(self.skipped),
+            "steps_taken": float(len(self.losses)),
+        }
 
 
 def _train_epoch(
-    trial: Trial, monitor: SpikeMonitor, state: LoopState, epoch: int, unfroze: bool, log: Log
+    trial: Trial,
+    monitor: SpikeMonitor,
+    state: LoopState,
+    epoch: int,
+    unfroze: bool,
+    log: Log,
+    bar: Any = None,
 ) -> dict[str, float]:
-    cfg = trial.cfg
+    """One pass over the training data: ``accumulate_steps`` batches per optimizer step (the
+    epoch's last step takes what is left)."""
+    cfg, device = trial.cfg, trial.device
     params = [p for p in trial.model.parameters() if p.requires_grad]
-    losses, norms = [], []
-    skipped = 0
-    retried = False
+    values = _StepValues(trial, monitor, state, epoch, bar)
+    accumulate = cfg.optimizer.accumulate_steps
+    total = len(trial.loaders.train)
     event_step = state.step
+    retried = False
     if trial.mixup is not None:
         # timm's Mixup draws from numpy's global generator: seeded per epoch, so a resumed run
         # mixes as the uninterrupted one did.
         np_random_seed(cfg.seed * 1_000_003 + epoch)
-    for inputs, labels in _loader(trial, epoch):
-        inputs, labels = inputs.to(trial.device), labels.to(trial.device)
+    loss: torch.Tensor | None = None
+    for i, (inputs, labels) in enumerate(loading.batches(trial.loaders.train, epoch)):
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
         if trial.mixup is not None:
             inputs, labels = trial.mixup(inputs, labels)
-        trial.unfreezer.step()  # this step's LRs
+        position = i % accumulate  # batch of this step
+        size = min(accumulate, total - (i - position))  # batches in this step
+        if position == 0:
+            trial.unfreezer.step()  # this step's LRs
         try:
-            if trial.faults:
+            if trial.faults and position == 0:
                 first_after_event = unfroze and state.step == event_step
                 stage = len(monitor.events) if first_after_event else 0
                 inputs = trial.faults.before_step(epoch, state.step, stage, params, inputs)
-            outcome = train_step(trial, inputs, labels, params)
+            batch_loss = backward(trial, inputs, labels, 1.0 / size)
+            loss = batch_loss / size if position == 0 or loss is None else loss + batch_loss / size
+            outcome = optimizer_step(trial, loss, params) if position == size - 1 else None
         except RuntimeError as exc:
+            if trial.faults:
+                trial.faults.after_step()
             if _out_of_memory(exc):
                 raise _oom(exc, trial, monitor, epoch, state.step) from exc
             near_event = unfroze and state.step - event_step < cfg.signals.window_steps
             if retried or not near_event:
                 raise TrialFailed("runtime_error", describe(exc), epoch, state.step) from exc
             # Newly unfrozen parameters may be non-contiguous views; one retry after fixing that.
+            # The step starts again from this batch (what the failed backward left is dropped).
             log(
                 f"warning: {describe(exc)} right after an unfreeze; retrying the step once "
                 "with contiguous parameters"
@@ -389,61 +622,62 @@ def _train_epoch(
             trial.optimizer.zero_grad(set_to_none=True)
             _make_contiguous(params)
             try:
-                outcome = train_step(trial, inputs, labels, params)
+                loss = backward(trial, inputs, labels, 1.0 / size) / size
+                outcome = optimizer_step(trial, loss, params) if position == size - 1 else None
             except RuntimeError as again:
                 if _out_of_memory(again):
                     raise _oom(again, trial, monitor, epoch, state.step) from again
                 raise TrialFailed(
                     "runtime_error", f"{describe(again)} (also after the retry)", epoch, state.step
                 ) from again
-        finally:
-            if trial.faults:
-                trial.faults.after_step()
-        monitor.update(state.step, outcome.loss, outcome.grad_norm)
-        state.step += 1
-        if outcome.skipped:
-            skipped += 1
-            state.nonfinite_streak += 1
-            state.skipped_total += 1
-            state.amp_skipped_total += outcome.skipped == "amp_overflow"
-            if state.nonfinite_streak >= cfg.max_nonfinite_steps:
-                raise TrialFailed(
-                    "diverged",
-                    f"{state.nonfinite_streak} consecutive steps with non-finite "
-                    f"loss or gradients (last: {outcome.skipped})",
-                    epoch,
-                    state.step,
-                )
+        if bar is not None:
+            bar.update(len(inputs))
+        if outcome is None:
             continue
-        state.nonfinite_streak = 0
-        losses.append(outcome.loss)
-        norms.append(outcome.grad_norm)
-    return {
-        "loss": _mean(losses),
-        "grad_norm": _mean(norms),
-        "grad_norm_max": max(norms, default=0.0),
-        "skipped": float(skipped),
-        "steps_taken": float(len(losses)),
-    }
+        if trial.faults:
+            trial.faults.after_step()
+        values.add(outcome)
+        state.step += 1
+        if bar is not None:
+            done = state.step - event_step
+            bar.set_description_str(f"epoch {epoch} step {done}/{trial.steps_per_epoch}", False)
+    return values.summary()
+
+
+def _progress_bar(trial: Trial, epoch: int) -> Any:
+    """A bar over the epoch's samples (so its rate reads images/s or clips/s), on stderr."""
+    from tqdm import tqdm
+
+    loader = trial.loaders.train
+    samples = len(loader) * (loader.batch_size or 1)
+    if not loader.drop_last:
+        samples = len(trial.datasets.train)  # type: ignore[arg-type]
+    unit = "clip" if len(trial.datasets.input_shape) == 4 else "img"
+    return tqdm(total=samples, unit=unit, desc=f"epoch {epoch}", leave=False, file=sys.stderr)
 
 
 def evaluate(trial: Trial, split: str = "val") -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the validation (or test) split."""
+    """Mean cross-entropy and accuracy on the validation (or test) split (one read at the end)."""
     model = trial.model
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
-    dataset = trial.datasets.test if split == "test" else trial.datasets.val
-    assert dataset is not None, f"the data has no {split} split"
-    loader = DataLoader(dataset, batch_size=trial.cfg.batch_size, num_workers=trial.cfg.num_workers)
+    loader = trial.loaders.test if split == "test" else trial.loaders.val
+    assert loader is not None, f"the data has no {split} split"
+    loss_sum = torch.zeros((), dtype=torch.float64, device=trial.device)
+    correct = torch.zeros((), dtype=torch.int64, device=trial.device)
+    total = 0
     with torch.no_grad():
-        for inputs, labels in loader:
-            inputs, labels = inputs.to(trial.device), labels.to(trial.device)
+        for inputs, labels in loading.batches(loader, 0):
+            inputs = inputs.to(trial.device, non_blocking=True)
+            labels = labels.to(trial.device, non_blocking=True)
             with autocast(trial):
                 logits = model(inputs)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            correct += (logits.argmax(dim=1) == labels).sum()
             total += len(labels)
-    return (loss_sum / total, correct / total) if total else (math.nan, math.nan)
+    if not total:
+        return math.nan, math.nan
+    summed, right = torch.stack([loss_sum, correct.double()]).tolist()
+    return summed / total, right / total
 
 
 def _test_metrics(trial: Trial) -> dict[str, float]:
@@ -479,58 +713,6 @@ def np_random_seed(seed: int) -> None:
     import numpy as np
 
     np.random.seed(seed % 2**32)
-
-
-def _loader(trial: Trial, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    # The order of an epoch is a pure function of (seed, epoch): a resumed run sees the same.
-    generator = torch.Generator().manual_seed(trial.cfg.seed * 1_000_003 + epoch)
-    return iter(
-        DataLoader(
-            trial.datasets.train,
-            batch_size=trial.cfg.batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=trial.cfg.num_workers,
-            drop_last=trial.mixup is not None,
-        )
-    )
-
-
-def _snapshot(trial: Trial) -> list[torch.Tensor]:
-    """Parameter values per block and head, taken before the epoch (before any EMA)."""
-    params = dict(trial.model.named_parameters())
-    return [
-        torch.cat([params[n].detach().flatten().float() for n in part.params]).clone()
-        if part.params
-        else torch.zeros(0)
-        for part in (*trial.blocks.blocks, trial.blocks.head)
-    ]
-
-
-def _drift(trial: Trial, before: list[torch.Tensor], steps_taken: float) -> dict[str, float]:
-    """How far each group moved this epoch; trainable groups that did not move and frozen
-    groups that did are counted (the "parameters not moving" failure)."""
-    now = _snapshot(trial)
-    plan = trial.freezer.plan
-    assert plan is not None
-    stuck = moved_frozen = 0
-    smallest = math.inf
-    parts = (*trial.blocks.blocks, trial.blocks.head)
-    for i, (part, old, new) in enumerate(zip(parts, before, now, strict=True)):
-        if not part.params:
-            continue
-        delta = float((new - old).norm())
-        trainable = part is trial.blocks.head or plan.is_trainable(i)
-        if trainable:
-            smallest = min(smallest, delta)
-            stuck += steps_taken > 0 and delta == 0.0
-        else:
-            moved_frozen += delta != 0.0
-    return {
-        "drift_min_trainable": smallest if math.isfinite(smallest) else 0.0,
-        "drift_stuck_groups": float(stuck),
-        "drift_moved_frozen_groups": float(moved_frozen),
-    }
 
 
 def _latest_event(blocks: Blocks, monitor: SpikeMonitor) -> dict[str, float]:

@@ -222,6 +222,23 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--epochs", type=int, help="override epochs (e.g. to extend a resumed run)")
+    weights_cache_arg(p)
+
+
+def weights_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights-cache",
+        metavar="PATH",
+        help="folder for pretrained hub weights (default: the libraries' own caches, "
+        "~/.cache/huggingface and ~/.cache/torch)",
+    )
+
+
+def use_weights_cache(args: argparse.Namespace) -> None:
+    from unfreeze_hpo.models import hub
+
+    if args.weights_cache:
+        hub.use_cache(path_option("--weights-cache", args.weights_cache))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -236,8 +253,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(Problem("--epochs", args.epochs, "must be >= 1", "e.g. --epochs 10"))
         changes["epochs"] = args.epochs
     cfg = cfg.replace(**changes)
+    use_weights_cache(args)
     try:
-        summary = train.run(cfg, resume=args.resume, weights=embedded.weights_for(cfg))
+        summary = train.run(
+            cfg,
+            resume=args.resume,
+            weights=embedded.weights_for(cfg),
+            progress=sys.stderr.isatty(),  # a bar within each epoch on a terminal only
+        )
     except train.TrialFailed as exc:
         print(f"trial failed: {exc}", file=sys.stderr)
         return 1
@@ -252,12 +275,14 @@ def check_args(p: argparse.ArgumentParser) -> None:
     config_arg(p)
     p.add_argument("--samples", type=int, default=16, help="training examples to overfit")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    weights_cache_arg(p)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from unfreeze_hpo.preflight import preflight
 
     cfg = load_checked(args.config)
+    use_weights_cache(args)
     result = preflight(cfg, samples=args.samples, steps=args.steps)
     print(result.report())
     return 0 if result.passed else 1

@@ -160,6 +160,16 @@ def prepare(
                 "give a path every node mounts (/nfs/unfreeze-runs) or a URI (s3://bucket/runs)",
             )
         )
+    if cfg.weights_cache and not Path(cfg.weights_cache).expanduser().is_absolute():
+        problems.append(
+            Problem(
+                "--weights-cache",
+                cfg.weights_cache,
+                "relative: each node would resolve it in its own copy of the job's working dir",
+                "give a path every node mounts (/nfs/weights), or leave it out for each node's "
+                "default cache",
+            )
+        )
     storage_problems = [as_option(p) for p in check_storage(cfg)]
     problems += storage_problems
     if inputs is not None:  # as `search` checks them; the resume where storage is readable
@@ -170,7 +180,7 @@ def prepare(
 
 
 PATH_FIELDS = ("data.root", "model.checkpoint")
-PATH_OPTIONS = ("name", "storage_path", "study_storage", "space", "base")  # all str fields
+PATH_OPTIONS = ("name", "storage_path", "study_storage", "space", "base", "weights_cache")
 
 
 def _cluster_paths(base_file: str | None) -> list[Problem]:

@@ -2,8 +2,9 @@
 
 Synthetic kinds draw shapes moving on a noisy background, each sample a pure function of
 (kind, task, split, seed, index). Real kinds read image folders (torchvision ``ImageFolder``) or
-videos (pytorchvideo ``EncodedVideo`` + clip samplers) listed by folder or by CSV, through the
-preprocessing the model needs (``data.preprocess``), with a test split when the data has one.
+videos (clips read with PyAV by ``data.clips``, timed by pytorchvideo's clip sampler) listed by
+folder or by CSV, through the preprocessing the model needs (``data.preprocess``), with a test
+split when the data has one.
 Videos come out as float32 ``(3, T, H, W)``, images as ``(3, H, W)``, normalised.
 """
 

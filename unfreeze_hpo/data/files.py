@@ -1,5 +1,5 @@
 """Data on disk: checks of folders and CSVs, image folders (torchvision ``ImageFolder``) and
-videos (pytorchvideo ``EncodedVideo`` + clip samplers)."""
+videos (``data.clips`` + pytorchvideo's clip sampler)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from unfreeze_hpo.data import clips
 from unfreeze_hpo.data.preprocess import Preprocessing, Transform
 from unfreeze_hpo.data.spec import (
     IMAGE_EXTENSIONS,
@@ -263,8 +264,8 @@ class VideoDataset(Dataset[Item]):
     """One clip per video per access: random in time for train, the centre clip for val.
 
     The train clip's start comes from pytorchvideo's random clip sampler, which draws from
-    Python's ``random``: DataLoader workers seed it from the loader's torch generator, so a seeded
-    loader gives the same clips run after run.
+    Python's ``random`` (``data.loading`` seeds it per sample). Clips are read by ``data.clips``:
+    only the ``frames`` kept of each are converted, and a process keeps its files open.
     """
 
     def __init__(
@@ -289,28 +290,22 @@ class VideoDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         path, label = self.videos[index]
-        return self._transform(self._decode(path)), label
+        return self.transform(self._decode(str(path))), label
 
-    def _decode(self, path: Path) -> torch.Tensor:
-        from pytorchvideo.data.encoded_video import EncodedVideo
-
+    def _decode(self, path: str) -> torch.Tensor:
         fix = "re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or remove it"
         try:
-            video = EncodedVideo.from_path(str(path), decode_audio=False, decoder="pyav")
-            try:
-                start, end = self._clip_times(Fraction(video.duration))
-                clip = video.get_clip(start, end)["video"]
-            finally:
-                video.close()
-        except Exception as exc:  # PyAV and pytorchvideo raise many types for a bad file
+            video = clips.open_video(path)
+            start, end = self._clip_times(video.duration)
+            clip = video.clip(start, end, self.frames)
+        except Exception as exc:  # PyAV raises many types for a bad file
+            clips.close_video(path)
             raise DataError(
-                Problem("data.root", str(path), f"cannot decode video ({describe(exc)})", fix)
+                Problem("data.root", path, f"cannot decode video ({describe(exc)})", fix)
             ) from exc
         if clip is None:
-            raise DataError(
-                Problem("data.root", str(path), f"no frames in [{start}, {end}) s", fix)
-            )
-        return clip  # (3, T, H, W), float32 in [0, 255]
+            raise DataError(Problem("data.root", path, f"no frames in [{start}, {end}) s", fix))
+        return clip  # (3, frames, H, W), float32 in [0, 255]
 
     def _clip_times(self, duration: Fraction) -> tuple[Fraction, Fraction]:
         if self._sampler is not None:
@@ -318,13 +313,6 @@ class VideoDataset(Dataset[Item]):
             return info.clip_start_sec, info.clip_end_sec
         start = max(duration - self.clip_seconds, Fraction(0)) / 2
         return start, start + self.clip_seconds
-
-    def _transform(self, clip: torch.Tensor) -> torch.Tensor:
-        # Uniform temporal subsampling as pytorchvideo's UniformTemporalSubsample does it
-        # (its transforms module does not import with this torchvision).
-        steps = clip.shape[1]
-        picks = torch.linspace(0, steps - 1, self.frames).clamp(0, steps - 1).long()
-        return self.transform(clip[:, picks])
 
 
 def _load_videos(cfg: DataConfig, prep: Preprocessing) -> Datasets:

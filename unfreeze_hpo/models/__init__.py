@@ -16,6 +16,7 @@ from unfreeze_hpo.data.spec import ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
 
 # The shipped families register themselves on import.
+from unfreeze_hpo.models import hub
 from unfreeze_hpo.models import pytorchvideo as _pytorchvideo  # noqa: F401
 from unfreeze_hpo.models import timm as _timm  # noqa: F401
 from unfreeze_hpo.models.base import (
@@ -36,6 +37,8 @@ __all__ = [
     "available",
     "build",
     "classifier_name",
+    "fetch",
+    "hub",
     "input_of",
     "load_checkpoint",
     "model_input",
@@ -60,6 +63,18 @@ def build(spec: ModelSpec) -> nn.Module:
     if spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint)
     return model
+
+
+def fetch(spec: ModelSpec) -> None:
+    """Bring ``spec``'s hub weights into the weights cache (``hub.use_cache``) before trials
+    need them: the model is built once on CPU, the way a trial builds it, so the cache holds
+    exactly the files a trial looks for; under the cache's lock, so a second process waits
+    and then finds them instead of downloading them again. Nothing to do without
+    ``pretrained``."""
+    if not spec.pretrained:
+        return
+    with hub.locked(), torch.device("cpu"):
+        build(dataclasses.replace(spec, checkpoint=None))
 
 
 def model_input(spec: ModelSpec, model: nn.Module) -> ModelInput | None:

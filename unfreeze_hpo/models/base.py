@@ -62,15 +62,15 @@ def call_builder(
 
 
 def download_error(spec: ModelSpec, exc: Exception) -> ModelError:
-    return ModelError(
-        Problem(
-            "model.pretrained",
-            True,
-            f"could not load hub weights for {spec.name} ({type(exc).__name__}: {exc})",
-            "check network access to the model hub, or set pretrained: false "
-            "and give model.checkpoint",
-        )
-    )
+    """The error for hub weights ``spec`` could not get: it names where they come from."""
+    from unfreeze_hpo.models import hub
+
+    family, _, arch = spec.name.partition(":")
+    try:
+        url = FAMILIES[family].weights_url(arch, spec) if family in FAMILIES else None
+    except Exception:  # the URL only adds to the message; the download's error is the news
+        url = None
+    return hub.unreachable(spec.name, url, exc)
 
 
 def did_you_mean(word: str, choices: Any, otherwise: str, prefix: str = "") -> str:
@@ -97,6 +97,8 @@ class Family:
     # The input a built model expects (size, frames, mean/std ...), None when the family
     # cannot say: the data then uses ImageNet / Kinetics defaults.
     input: Callable[[str, nn.Module], ModelInput | None] = field(default=lambda arch, model: None)
+    # Where ``pretrained: true`` downloads the weights of an architecture from, for messages.
+    weights_url: Callable[[str, ModelSpec], str | None] = field(default=lambda arch, spec: None)
 
 
 FAMILIES: Registry[Family] = Registry("model family")

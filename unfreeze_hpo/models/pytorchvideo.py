@@ -67,6 +67,14 @@ def available() -> list[str]:
     return sorted([*_hub(), *SMALL])
 
 
+def weights_url(arch: str, spec: ModelSpec) -> str | None:
+    """The model-zoo file a hub builder downloads (``checkpoint_paths`` of its hub module)."""
+    builder = _hub().get(arch)
+    paths = getattr(inspect.getmodule(builder), "checkpoint_paths", {}) if builder else {}
+    url = paths.get(arch) if isinstance(paths, dict) else None
+    return url if isinstance(url, str) else None
+
+
 def classifier(model: nn.Module) -> str | None:
     from pytorchvideo.models.net import Net
     from pytorchvideo.models.vision_transformers import MultiscaleVisionTransformers
@@ -121,5 +129,6 @@ FAMILY = register_family(
         example_input=(1, 3, 4, 32, 32),
         builtin=frozenset(SMALL),
         input=model_input,
+        weights_url=weights_url,
     )
 )

@@ -11,6 +11,7 @@ from torch import nn
 
 from unfreeze_hpo.data.spec import ModelInput
 from unfreeze_hpo.errors import ModelError, Problem, describe
+from unfreeze_hpo.models import hub
 from unfreeze_hpo.models.base import Family, ModelSpec, call_builder, register_family
 
 
@@ -20,6 +21,8 @@ def build(arch: str, spec: ModelSpec) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
+    if spec.pretrained and hub.timm_cache() is not None:  # else timm's default caches
+        kwargs.setdefault("cache_dir", hub.timm_cache())
     if spec.pretrained_file is None:
         return call_builder(timm.create_model, spec, arch, pretrained=spec.pretrained, **kwargs)
     # timm's own loading of a local file: it drops a classifier of another size and adapts the
@@ -89,6 +92,20 @@ def _misfit(path: str, keys: set[str], own: set[str]) -> ModelError:
     )
 
 
+def weights_url(arch: str, spec: ModelSpec) -> str | None:
+    """Where timm downloads ``arch``'s weights: its Hugging Face hub repository, else its URL
+    (``model.kwargs.pretrained_cfg_overlay`` may change either, as it does for timm)."""
+    import timm
+    from huggingface_hub import constants
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    found = {} if cfg is None else cfg.to_dict()
+    found.update(dict(spec.kwargs).get("pretrained_cfg_overlay") or {})
+    if found.get("hf_hub_id"):
+        return f"{constants.ENDPOINT}/{found['hf_hub_id']}"
+    return found.get("url") or None
+
+
 def available() -> list[str]:
     import timm
 
@@ -130,5 +147,6 @@ FAMILY = register_family(
         example_input=(1, 3, 64, 64),
         base_name=lambda arch: arch.split(".")[0],
         input=model_input,
+        weights_url=weights_url,
     )
 )

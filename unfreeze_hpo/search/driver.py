@@ -27,7 +27,7 @@ import unfreeze_hpo
 from unfreeze_hpo import storage
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
-from unfreeze_hpo.search import trackers
+from unfreeze_hpo.search import tasks, trackers
 from unfreeze_hpo.search.inputs import check_inputs, check_storage, load_inputs, write_inputs
 from unfreeze_hpo.search.options import SearchConfig
 from unfreeze_hpo.search.progress import ProgressPrinter
@@ -60,14 +60,17 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         raise ConfigError(Problem("storage_path", cfg.storage_path, f"cannot use it: {why}", fix))
     if cfg.study_storage and (problem := storage.connect_problem(cfg.study_storage)):
         raise ConfigError(problem)
-    if cfg.preflight:
-        _preflight(base, log)
     _start_ray(cfg)
     # Which code the trials run: on a cluster, the copy a submitted job ships (see jobs.submit).
     package = Path(unfreeze_hpo.__file__).parent
     log(f"unfreeze-hpo {unfreeze_hpo.__version__} from {package}, Ray {ray.__version__}")
+    nodes = _alive_nodes()
     if cfg.resource_check:  # trials no node can hold would wait forever
-        log(check_resources(cfg, _alive_nodes()))
+        log(check_resources(cfg, list(nodes.values())))
+    if base.model.pretrained:  # once per node now, rather than every trial downloading
+        _fetch_weights(cfg, base, nodes, log)
+    if cfg.preflight:
+        _preflight(cfg, base, log)
     try:  # what results need to rebuild a trial's full config; also proves we can write there
         write_inputs(cfg, base, space)
     except OSError as exc:  # pyarrow's errors for a missing bucket or no permission are OSErrors
@@ -86,6 +89,8 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
             space=space,
             metric=cfg.metric,
             threads=max(1, int(cfg.cpus_per_trial)),
+            checkpoint_every=cfg.checkpoint_every,
+            weights_cache=cfg.weights_cache,
         ),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
     )
@@ -167,7 +172,7 @@ def _new_tuner(
             name="ray",
             storage_path=cfg.location,
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_kept),
             callbacks=[
                 # Ray's per-trial result files (the results read them); TensorBoard on request.
                 CSVLoggerCallback(),
@@ -181,17 +186,32 @@ def _new_tuner(
     )
 
 
-def _preflight(base: TrialConfig, log: Log) -> None:
-    from unfreeze_hpo.preflight import preflight
+def _fetch_weights(
+    cfg: SearchConfig, base: TrialConfig, nodes: dict[str, dict[str, float]], log: Log
+) -> None:
+    """The hub weights of ``base`` into the weights cache of every node that holds a trial."""
+    holders = [node for node, resources in nodes.items() if _fits(cfg, resources)]
+    cache = cfg.weights_cache or "the default caches"
+    if not holders:  # an autoscaler adds them later: their trials download for themselves
+        log(f"weights: no node holds a trial yet; each new node downloads {base.model.name}'s")
+        return
+    log(f"weights: fetching {base.model.name}'s hub weights into {cache} on {len(holders)} node(s)")
+    # The file does not depend on the classifier size: any will do.
+    tasks.fetch_weights(base.model.spec(base.model.num_classes or 2), holders, cfg.weights_cache)
 
+
+def _preflight(cfg: SearchConfig, base: TrialConfig, log: Log) -> None:
     log("preflight: overfitting 16 training samples before any trial ...")
-    result = preflight(
+    ran = tasks.preflight(
         base.replace(model=dataclasses.replace(base.model, pretrain_on_source=False)),
-        log=lambda _: None,
+        cfg.cpus_per_trial,
+        cfg.gpus_per_trial,
+        cfg.weights_cache,
     )
-    log(result.report())
-    if not result.passed:
-        raise PreflightFailed(result.report())
+    log(f"preflight: ran in Ray worker pid {ran.pid} on node {ran.node_id[:12]}")
+    log(ran.result.report())
+    if not ran.result.passed:
+        raise PreflightFailed(ran.result.report())
 
 
 class PreflightFailed(UnfreezeHPOError):
@@ -236,18 +256,22 @@ def _start_ray(cfg: SearchConfig) -> None:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _alive_nodes() -> list[dict[str, float]]:
-    return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
+def _alive_nodes() -> dict[str, dict[str, float]]:
+    """Ray node id -> its resources, for the nodes alive now."""
+    return {node["NodeID"]: dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")}
+
+
+def _fits(cfg: SearchConfig, node: dict[str, float]) -> int:
+    """How many trials the node (Ray resources) holds at once."""
+    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    return math.floor(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9)
 
 
 def check_resources(cfg: SearchConfig, nodes: list[dict[str, float]]) -> str:
     """How many trials the cluster's ``nodes`` (Ray resource dicts) fit at once, as a line to
     print; a ConfigError when no node fits one, since such trials would wait forever."""
     need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
-    fits = [
-        math.floor(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9)
-        for node in nodes
-    ]
+    fits = [_fits(cfg, node) for node in nodes]
     total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
     have = f"{len(nodes)} node(s) with {total['CPU']:g} CPUs and {total['GPU']:g} GPUs in all"
     if not any(fits):

@@ -33,6 +33,16 @@ def plain_name(name: Any) -> tuple[str, str] | None:
     )
 
 
+def kept_checkpoints(kept: Any) -> tuple[str, str] | None:
+    """Why ``kept`` cannot be the number of Ray checkpoints a trial keeps, if it cannot."""
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept >= 1:
+        return None  # a non-integer is the type check's to report
+    return (
+        "a trial must keep its latest checkpoint: a retried trial resumes from it",
+        "use 1 or more (default 2); the fallback to checkpoint.prev.pt needs no second one",
+    )
+
+
 @dataclass(frozen=True)
 class SearchConfig:
     """How to search; the trial itself comes from ``base`` and the sampled space."""
@@ -58,6 +68,24 @@ class SearchConfig:
     recipes: bool = param(True, help="evaluate the field notes' recipes first")
     preflight: bool = param(True, help="run the overfit check before any trial")
     max_failures: int = param(1, ge=0, help="retries of a trial whose worker died")
+    checkpoint_every: int = param(
+        1,
+        ge=1,
+        help="epochs between a trial's checkpoints (its last epoch always has one); a retried "
+        "trial resumes from its last checkpoint and redoes the epochs after it",
+    )
+    checkpoints_kept: int = param(
+        2,
+        check=kept_checkpoints,
+        help="Ray checkpoints kept per trial, at least 1: a retry resumes from the latest, and "
+        "the fallback from a damaged latest file to the one before (checkpoint.prev.pt) lives "
+        "in the trial's own folder, not in the kept checkpoints",
+    )
+    weights_cache: str | None = param(
+        None,
+        help="folder for pretrained hub weights (shared storage: downloaded once for all "
+        "nodes); default the libraries' own caches (~/.cache/huggingface, ~/.cache/torch)",
+    )
     address: str | None = param(None, help="Ray cluster address; default a local Ray")
     resource_check: bool = param(
         True,

@@ -1,7 +1,8 @@
 """The Ray Tune function trainable: a sampled config dict -> one trial of ``train.run``.
 
-Each epoch's metrics go to ``tune.report`` with the trial's checkpoint, so a worker that dies is
-retried from its last epoch; the objective is always a finite number or the trial fails.
+Each epoch's metrics go to ``tune.report``, every ``checkpoint_every`` epochs (and the last) with
+the trial's checkpoint, so a worker that dies is retried from its last checkpoint and redoes the
+epochs after it; the objective is always a finite number or the trial fails.
 
 A trial that fails for a reason of its own (diverged, out of memory, a non-finite metric) would fail
 the same way again: Ray's retry (``max_failures``) is meant for workers that died. The failure is
@@ -26,6 +27,7 @@ from ray import tune
 
 from unfreeze_hpo import embedded, train, trialdir
 from unfreeze_hpo.config import TrialConfig, from_dict
+from unfreeze_hpo.models import hub
 from unfreeze_hpo.search.space import SearchSpace
 
 CARRIED = trialdir.CARRIED  # what a Ray checkpoint of a trial holds
@@ -39,9 +41,12 @@ def run_trial(
     space: SearchSpace,
     metric: str,
     threads: int = 1,
+    checkpoint_every: int = 1,
+    weights_cache: str | None = None,
 ) -> None:
     """Train the trial ``config`` (as sampled by OptunaSearch) on top of ``base``."""
     torch.set_num_threads(max(1, threads))
+    hub.use_cache(weights_cache)
     node = ray.get_runtime_context().get_node_id()  # which cluster node ran it, for the record
     context = tune.get_context()
     # Scratch space on this node, outside the folder Tune copies to storage_path with each
@@ -64,11 +69,16 @@ def run_trial(
                 int(metrics["epoch"]),
                 int(metrics["step"]),
             )
-        with tempfile.TemporaryDirectory() as folder:
+        if checkpoint is None:  # an epoch between checkpoints
+            tune.report({**metrics, "node_id": node})
+            return
+        # tune.report copies the checkpoint to storage before it returns (the session's
+        # persist_current_checkpoint), so links to the files, gone when it returns, suffice.
+        with tempfile.TemporaryDirectory(dir=folder, prefix="report-") as staged:
             for name in CARRIED:
-                shutil.copy2(work / name, folder)
+                _link(work / name, Path(staged) / name)
             tune.report(
-                {**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(folder)
+                {**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(staged)
             )
 
     try:
@@ -78,6 +88,8 @@ def run_trial(
             resume=resume,
             log=lambda line: print(line, file=log_file, flush=True),
             trial_id=context.get_trial_id(),
+            checkpoint_every=checkpoint_every,
+            cpus=threads,  # the trial's CPUs: its loader workers are these minus one
             weights=embedded.weights_for(cfg, log=lambda line: print(line, file=log_file)),
         )
     except train.TrialFailed as failed:
@@ -95,6 +107,15 @@ def _trial_folder(context: Any) -> Path:
     if os.environ.get("RAY_CHDIR_TO_TRIAL_DIR", "1") != "0":
         return Path.cwd()
     return Path(context.get_trial_dir())
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (no copy of the weights), else a copy: where the
+    filesystem has no hard links."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _restore_checkpoint(work: Path) -> bool:

@@ -1,0 +1,163 @@
+"""DataLoaders for one trial: built once, their workers kept across epochs, every sample's
+randomness a function of ``(seed, epoch, index)``.
+
+A train crop, flip or clip start is drawn inside whichever process decodes the sample; with
+workers that is a worker whose random state depends on how many workers there are and on when
+the loader was started. Here each sample is drawn under generators seeded from its own
+``(seed, epoch, index)`` (torch, ``random`` and numpy, restored afterwards), and the epoch's
+order comes from ``(seed, epoch)``: the batches of an epoch are the same with 0 or 8 workers,
+and a run resumed at epoch k sees what the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from unfreeze_hpo.data.spec import Item
+
+# The epoch's order is drawn from this stream; one int64 is drawn first, as a torch DataLoader
+# with shuffle=True and a generator does, so orders match a plain seeded torch loader.
+ORDER_SEED_STRIDE = 1_000_003
+
+
+def order_seed(seed: int, epoch: int) -> int:
+    return seed * ORDER_SEED_STRIDE + epoch
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed for one sample of one epoch, well mixed (numpy's ``SeedSequence``)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(cpus: float | None = None) -> int:
+    """Loader workers for a trial given ``cpus`` (Ray's CPUs for the trial; default: the
+    process's CPUs), leaving one for the training process itself."""
+    given = available_cpus() if cpus is None else int(cpus)
+    return max(0, given - 1)
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)``: a permutation from ``(seed, epoch)`` when shuffling, else
+    ``0 .. n-1``. ``set_epoch`` is called in the main process, so persistent workers need no
+    message to follow it."""
+
+    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
+        self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(order_seed(self.seed, self.epoch))
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        epoch = self.epoch
+        return ((epoch, index) for index in order)
+
+
+class SeededSamples(Dataset[Item]):
+    """``dataset[(epoch, index)]``: ``dataset[index]`` drawn under torch, ``random`` and numpy
+    seeded from ``(seed, epoch, index)``; the caller's generator states are restored after."""
+
+    def __init__(self, dataset: Dataset[Item], seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        epoch, index = key
+        with seeded(sample_seed(self.seed, epoch, index)):
+            return self.dataset[index]
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator, ``random`` and numpy's global one; restore them after."""
+    saved = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+
+
+def loader(
+    dataset: Dataset[Item],
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    workers: int,
+    device: torch.device,
+    drop_last: bool = False,
+    prefetch_factor: int = 2,
+) -> DataLoader[Any]:
+    """A loader to keep for the whole trial; call ``set_epoch`` before each epoch's pass.
+
+    Workers persist across epochs; on CUDA batches are pinned so ``.to(device,
+    non_blocking=True)`` overlaps the copy with compute. The loader's own generator seeds its
+    workers, so starting it never draws from the training process's random state.
+    """
+    sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+    options: dict[str, Any] = {}
+    if workers > 0:
+        options = {"persistent_workers": True, "prefetch_factor": prefetch_factor}
+    return DataLoader(
+        SeededSamples(dataset, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        **options,
+    )
+
+
+def set_epoch(loader: DataLoader[Any], epoch: int) -> None:
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler), "not a loader built by data.loading.loader"
+    sampler.set_epoch(epoch)
+
+
+def batches(loader: DataLoader[Any], epoch: int) -> Iterator[Any]:
+    """The loader's batches for ``epoch``."""
+    set_epoch(loader, epoch)
+    return iter(loader)
+
+
+def close(loader: DataLoader[Any]) -> None:
+    """Stop the loader's persistent workers now, not whenever the loader is collected (torch
+    has no public call for it; this is what the iterator's own ``__del__`` does)."""
+    iterator = getattr(loader, "_iterator", None)
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    loader._iterator = None
