@@ -114,6 +114,8 @@ def _sleeping_train_run(
     log: Any = print,
     trial_id: str = "local",
     weights: Any = None,
+    cpus: float | None = None,
+    checkpoint_every: int = 1,
     seconds: float,
 ) -> None:
     """Stands in for ``unfreeze_hpo.train.run``: per epoch, sleep, then write a tiny checkpoint
