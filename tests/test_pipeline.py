@@ -67,6 +67,20 @@ def image_cfg(tmp_path: Path, out: str, **changes: Any) -> TrialConfig:
     return from_dict(values)
 
 
+def synthetic_cfg(tmp_path: Path, **changes: Any) -> TrialConfig:
+    """A small run on synthetic images: the tiny ViT, 1 epoch of 4 steps, no loader workers."""
+    values: dict[str, Any] = {
+        "data": SYNTHETIC_IMAGES,
+        "model": TINY_VIT,
+        "epochs": 1,
+        "batch_size": 8,
+        "num_workers": 0,
+        "output_dir": str(tmp_path / "t"),
+        **changes,
+    }
+    return from_dict(values)
+
+
 # --- 1. loaders: built once, each sample a function of (seed, epoch, index) ----------------
 
 
@@ -128,15 +142,7 @@ def test_loaders_are_built_once_and_workers_default_to_the_trials_cpus_minus_one
         return original(*args, **kwargs)
 
     monkeypatch.setattr(loading, "loader", counting)
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": {"name": "timm:test_resnet"},
-            "epochs": 2,
-            "batch_size": 8,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path, model={"name": "timm:test_resnet"}, epochs=2, num_workers=None)
     train.run(cfg, log=quiet, cpus=2)
     assert built == [1, 1]  # train and val, once for the whole trial, 2 CPUs - 1
     assert loading.default_workers(1) == 0 and loading.default_workers(8) == 7
@@ -199,16 +205,14 @@ def test_a_training_epoch_reads_from_the_device_once_per_read_every_steps(
 
     monkeypatch.setattr(train, "_train_epoch", counted)
     data = {**SYNTHETIC_IMAGES, "train_samples": 64}
-    cfg = from_dict(
-        {
-            "data": data,
-            "model": {"name": "timm:test_resnet"},
-            "epochs": 2,
-            "batch_size": 4,
-            "amp": amp,
-            "num_workers": 1,
-            "output_dir": str(tmp_path / "t"),
-        }
+    cfg = synthetic_cfg(
+        tmp_path,
+        data=data,
+        model={"name": "timm:test_resnet"},
+        epochs=2,
+        batch_size=4,
+        amp=amp,
+        num_workers=1,
     )
     train.run(cfg, log=quiet)
     for count, steps in per_epoch:
@@ -221,15 +225,7 @@ def test_a_training_epoch_reads_from_the_device_once_per_read_every_steps(
 def test_a_skipped_step_leaves_the_fused_optimizer_untouched_on_the_device(
     tmp_path: Path,
 ) -> None:
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": TINY_VIT,
-            "epochs": 1,
-            "batch_size": 8,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path)
     trial = train.setup(cfg, quiet)
     trial.unfreezer.on_epoch_start(0)
     assert trial.optimizer.defaults.get("fused") is True
@@ -252,15 +248,7 @@ def test_a_skipped_step_leaves_the_fused_optimizer_untouched_on_the_device(
 def test_the_drift_probe_copies_only_trainable_parameters_to_the_host_in_their_dtype(
     tmp_path: Path,
 ) -> None:
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": TINY_VIT,
-            "epochs": 1,
-            "batch_size": 8,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path)
     trial = train.setup(cfg, quiet)
     trial.model.to(torch.bfloat16)
     trial.unfreezer.on_epoch_start(0)
@@ -292,16 +280,7 @@ def test_peak_memory_is_each_epochs_own(tmp_path: Path, monkeypatch: pytest.Monk
         return original(trial, *args, **kwargs)
 
     monkeypatch.setattr(train, "_train_epoch", heavy_first_epoch)
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": TINY_VIT,
-            "epochs": 2,
-            "batch_size": 8,
-            "num_workers": 0,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path, epochs=2)
     train.run(cfg, log=quiet)
     first, second = (r["peak_memory_mb"] for r in rows(tmp_path / "t"))
     assert second > 0
@@ -312,21 +291,17 @@ def test_gradient_accumulation_equals_one_larger_batch_with_steps_counted_as_opt
     tmp_path: Path,
 ) -> None:
     common: dict[str, Any] = {
-        "data": SYNTHETIC_IMAGES,
-        "model": TINY_VIT,
         "epochs": 2,
-        "num_workers": 0,
         "strategy": {"name": "early_gradual", "freeze_epochs": 1, "target_ratio": 1.0},
         "schedule": {"kind": "cosine", "warmup_steps": 2},
     }
-    big = from_dict({**common, "batch_size": 8, "output_dir": str(tmp_path / "big")})
-    small = from_dict(
-        {
-            **common,
-            "batch_size": 4,
-            "optimizer": {"accumulate_steps": 2},
-            "output_dir": str(tmp_path / "small"),
-        }
+    big = synthetic_cfg(tmp_path, output_dir=str(tmp_path / "big"), **common)
+    small = synthetic_cfg(
+        tmp_path,
+        batch_size=4,
+        optimizer={"accumulate_steps": 2},
+        output_dir=str(tmp_path / "small"),
+        **common,
     )
     train.run(big, log=quiet)
     train.run(small, log=quiet)
@@ -340,19 +315,12 @@ def test_gradient_accumulation_equals_one_larger_batch_with_steps_counted_as_opt
 
 
 def test_grad_checkpointing_trains_what_is_trainable_behind_frozen_blocks(tmp_path: Path) -> None:
-    common: dict[str, Any] = {
-        "data": SYNTHETIC_IMAGES,
-        "epochs": 2,
-        "batch_size": 8,
-        "num_workers": 0,
-    }
-    plain = from_dict({**common, "model": TINY_VIT, "output_dir": str(tmp_path / "a")})
-    saving = from_dict(
-        {
-            **common,
-            "model": {**TINY_VIT, "grad_checkpointing": True},
-            "output_dir": str(tmp_path / "b"),
-        }
+    plain = synthetic_cfg(tmp_path, epochs=2, output_dir=str(tmp_path / "a"))
+    saving = synthetic_cfg(
+        tmp_path,
+        epochs=2,
+        model={**TINY_VIT, "grad_checkpointing": True},
+        output_dir=str(tmp_path / "b"),
     )
     trial = train.setup(saving, quiet)
     assert trial.model.grad_checkpointing
@@ -382,16 +350,7 @@ def test_grad_checkpointing_on_a_model_without_it_is_one_clear_error(tmp_path: P
 
 
 def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path: Path) -> None:
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": {"name": "timm:test_resnet"},
-            "epochs": 5,
-            "batch_size": 16,
-            "num_workers": 0,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path, model={"name": "timm:test_resnet"}, epochs=5, batch_size=16)
     seen: list[tuple[int, int | None]] = []
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
@@ -407,16 +366,7 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path: Path) -> None:
 def test_progress_bar_within_an_epoch_only_when_asked(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    cfg = from_dict(
-        {
-            "data": SYNTHETIC_IMAGES,
-            "model": {"name": "timm:test_resnet"},
-            "epochs": 1,
-            "batch_size": 8,
-            "num_workers": 0,
-            "output_dir": str(tmp_path / "t"),
-        }
-    )
+    cfg = synthetic_cfg(tmp_path, model={"name": "timm:test_resnet"})
     train.run(cfg, log=quiet, progress=True)
     err = capfd.readouterr().err
     assert "epoch 0 step 4/4" in err and "img/s" in err and "loss" in err

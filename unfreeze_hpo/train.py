@@ -498,15 +498,10 @@ class _StepValues:
     then fed to the spike monitor and the divergence check in step order."""
 
     def __init__(
-        self, trial: Trial, monitor: SpikeMonitor, state: LoopState, epoch: int, bar: Any
+        self, max_nonfinite: int, monitor: SpikeMonitor, state: LoopState, epoch: int, bar: Any
     ) -> None:
-        self.trial, self.monitor, self.state, self.epoch, self.bar = (
-            trial,
-            monitor,
-            state,
-            epoch,
-            bar,
-        )
+        self.max_nonfinite, self.monitor, self.state = max_nonfinite, monitor, state
+        self.epoch, self.bar = epoch, bar
         self.pending: list[StepOutcome] = []
         self.next_step = state.step  # global step of pending[0]
         self.losses: list[float] = []
@@ -527,7 +522,7 @@ class _StepValues:
             for name in ("loss", "grad_norm", "skipped")
         ]
         rows = torch.stack(columns, dim=1).tolist()  # the one read of these steps
-        state, cfg = self.state, self.trial.cfg
+        state = self.state
         for loss, norm, code in rows:
             reason = SKIPPED[int(code)]
             step, self.next_step = self.next_step, self.next_step + 1
@@ -542,7 +537,7 @@ class _StepValues:
             state.nonfinite_streak += 1
             state.skipped_total += 1
             state.amp_skipped_total += reason == "amp_overflow"
-            if state.nonfinite_streak >= cfg.max_nonfinite_steps:
+            if state.nonfinite_streak >= self.max_nonfinite:
                 raise TrialFailed(
                     "diverged",
                     f"{state.nonfinite_streak} consecutive steps with non-finite "
@@ -577,7 +572,7 @@ def _train_epoch(
     epoch's last step takes what is left)."""
     cfg, device = trial.cfg, trial.device
     params = [p for p in trial.model.parameters() if p.requires_grad]
-    values = _StepValues(trial, monitor, state, epoch, bar)
+    values = _StepValues(cfg.max_nonfinite_steps, monitor, state, epoch, bar)
     accumulate = cfg.optimizer.accumulate_steps
     total = len(trial.loaders.train)
     event_step = state.step
