@@ -74,7 +74,9 @@ def run_trial(
             return
         # tune.report copies the checkpoint to storage before it returns (the session's
         # persist_current_checkpoint), so links to the files, gone when it returns, suffice.
-        with tempfile.TemporaryDirectory(dir=folder, prefix="report-") as staged:
+        # Staged outside the trial folder: Tune syncs that folder, and a staging folder that
+        # vanishes mid-sync fails the experiment snapshot.
+        with tempfile.TemporaryDirectory(prefix="unfreeze-hpo-report-") as staged:
             for name in CARRIED:
                 _link(work / name, Path(staged) / name)
             tune.report(
