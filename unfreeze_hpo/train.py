@@ -103,10 +103,17 @@ class StepOutcome:
 
     def read(self) -> tuple[float, float, str | None]:
         """The values on the host (one transfer)."""
-        loss, norm, code = torch.stack(
-            [self.loss.float(), self.grad_norm.float(), self.skipped.float()]
-        ).tolist()
-        return loss, norm, SKIPPED[int(code)]
+        return read_outcomes([self])[0]
+
+
+def read_outcomes(outcomes: Sequence[StepOutcome]) -> list[tuple[float, float, str | None]]:
+    """(loss, grad norm, skip reason) of each step, read from the device in one transfer."""
+    columns = [
+        torch.stack([getattr(o, name).float() for o in outcomes])
+        for name in ("loss", "grad_norm", "skipped")
+    ]
+    rows = torch.stack(columns, dim=1).tolist()
+    return [(loss, norm, SKIPPED[int(code)]) for loss, norm, code in rows]
 
 
 @dataclass
@@ -173,9 +180,8 @@ def run(
     last epoch always has one); ``report`` gets None for the path on the others. ``progress``:
     draw a progress bar within each epoch on stderr.
     """
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
-        checkpoint_every = -1
-    if checkpoint_every < 1:
+    integer = isinstance(checkpoint_every, int) and not isinstance(checkpoint_every, bool)
+    if not integer or checkpoint_every < 1:
         raise ConfigError(
             Problem("--checkpoint-every", checkpoint_every, "must be an integer >= 1", "e.g. 1")
         )
@@ -517,14 +523,8 @@ class _StepValues:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        columns = [
-            torch.stack([getattr(o, name).float() for o in pending])
-            for name in ("loss", "grad_norm", "skipped")
-        ]
-        rows = torch.stack(columns, dim=1).tolist()  # the one read of these steps
         state = self.state
-        for loss, norm, code in rows:
-            reason = SKIPPED[int(code)]
+        for loss, norm, reason in read_outcomes(pending):  # the one read of these steps
             step, self.next_step = self.next_step, self.next_step + 1
             # A step whose loss was already non-finite has no meaningful gradient norm.
             self.monitor.update(step, loss, math.nan if reason == "nonfinite_loss" else norm)
