@@ -27,7 +27,7 @@ test-all: $(STAMP)
 # Every benchmark in full, one after another on a quiet machine (~75 min on 2 cores); the figures
 # go to docs/benchmarks.md by hand, with the machine line each script prints.
 BENCHMARKS := worker_overhead frozen_savings orchestration pruning_replay search_quality \
-	embedded_transfer real_transfer loaders
+	embedded_transfer real_transfer loaders throughput
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 

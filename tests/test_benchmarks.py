@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import require_real
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -74,3 +75,79 @@ def test_loaders_quick(tmp_path: Path) -> None:
     for row in rows:
         assert all(figures[f"{row} {arm}"]["median"] > 0 for arm in ("ours", "bare", "ours/bare"))
     assert figures["quick"] is True
+
+
+def test_throughput_quick(tmp_path: Path) -> None:
+    """Needs the `real` extra: skipped without it, failed instead with CI set."""
+    require_real()
+    figures = run_quick("throughput.py", tmp_path)["figures"]
+    for arm in ("ours", "bare"):
+        measured = figures[f"workers=1 {arm}"]
+        assert all(measured[k] > 0 for k in ("images_per_s", "val_s", "checkpoint_s"))
+        assert measured["reads_per_step"] >= 0
+    assert figures["workers=1 ours/bare"]["median"] > 0
+
+
+# The GPU check as the lent machine runs it: nothing but torch, torchvision, timm and our code.
+WITHOUT_CLUSTER_PACKAGES = (
+    "import runpy, sys\n"
+    "for name in ('ray', 'optuna', 'pytorchvideo', 'av', 'pandas'):\n"
+    "    sys.modules[name] = None  # absent: importing it fails\n"
+    "import timm, torchvision, unfreeze_hpo.train, unfreeze_hpo.config  # the arms' imports\n"
+    "sys.argv = ['gpu_check.py', *sys.argv[1:]]\n"
+    "runpy.run_path('scripts/gpu_check.py', run_name='__main__')\n"
+)
+
+
+def gpu_check(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_CLUSTER_PACKAGES, *argv],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_the_gpu_check_runs_without_ray_optuna_pytorchvideo_pyav_or_pandas(
+    tmp_path: Path,
+) -> None:
+    """Without CUDA the script gets as far as saying so, after importing all its arms need."""
+    (tmp_path / "lite0.pth").write_bytes(b"")
+    done = gpu_check("--data", str(tmp_path))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "no CUDA device here" in done.stderr
+
+
+@pytest.mark.full
+def test_the_gpu_check_dry_run_writes_its_table(tmp_path: Path) -> None:
+    """Every arm of the script, on CPU at 16 px (minutes): the table has each arm's row."""
+    require_real()
+    prepared = subprocess.run(
+        [
+            sys.executable,
+            "scripts/gpu_check.py",
+            "--prepare",
+            str(tmp_path / "data"),
+            "--per-class",
+            "8",
+        ],
+        cwd=BENCHMARKS.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    out = tmp_path / "table.md"
+    done = gpu_check("--data", str(tmp_path / "data"), "--quick", "--dry-run", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    arms = [
+        "ours bf16",
+        "bare bf16",
+        "ours fp16",
+        *(f"ours bf16, 2 processes: trial {i}" for i in (0, 1)),
+    ]
+    for arm in arms:
+        assert f"| {arm} |" in table, table
+    assert "two processes together" in table

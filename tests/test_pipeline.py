@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -361,6 +362,31 @@ def test_checkpoint_every_n_epochs_and_always_the_last(tmp_path: Path) -> None:
     assert seen == [(0, None), (1, 2), (2, None), (3, 4), (4, 5)]
     with pytest.raises(ConfigError, match="--checkpoint-every"):
         train.run(cfg, log=quiet, checkpoint_every=0)
+
+
+def test_checkpoints_never_make_a_name_in_the_trial_folder_disappear(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray Tune copies a trial's folder while it runs: a file listed, then renamed away before
+    it is copied, fails the experiment snapshot. Every rename into the folder keeps every name
+    there, and no temporary file ever shows in it."""
+    cfg = synthetic_cfg(tmp_path, model={"name": "timm:test_resnet"}, epochs=3)
+    out = Path(cfg.output_dir)
+    seen: list[tuple[set[str], set[str]]] = []
+    original = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        before = set(os.listdir(out)) if out.exists() else set()
+        original(src, dst)
+        seen.append((before, set(os.listdir(out))))
+
+    monkeypatch.setattr(train.os, "replace", replace)
+    train.run(cfg, log=quiet)
+    assert len(seen) == 5  # the first epoch's file; then the previous and the latest, twice
+    for before, after in seen:
+        assert before <= after, before - after
+        assert not [name for name in after if name.endswith(".tmp")], after
+    assert {train.CHECKPOINT, train.PREVIOUS} <= seen[-1][1]
 
 
 def test_progress_bar_within_an_epoch_only_when_asked(

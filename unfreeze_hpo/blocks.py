@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unfreeze_hpo.errors import BlockError, Problem
-from unfreeze_hpo.models import ModelSpec, build, classifier_name, unwrap
+from unfreeze_hpo.models import ModelSpec, build, classifier_name, instance_of, unwrap
 from unfreeze_hpo.registry import Registry
 
 Granularity = Literal["fine", "coarse"]
@@ -249,9 +249,9 @@ def _regex_groups(model: nn.Module, matcher: Matcher) -> Grouping:
 
 
 def _mvit_applies(model: nn.Module) -> bool:
-    from pytorchvideo.models.vision_transformers import MultiscaleVisionTransformers
-
-    return isinstance(model, MultiscaleVisionTransformers)
+    return instance_of(
+        model, "pytorchvideo.models.vision_transformers.MultiscaleVisionTransformers"
+    )
 
 
 def _mvit_groups(model: nn.Module, granularity: Granularity) -> Grouping:
@@ -264,9 +264,7 @@ def _mvit_groups(model: nn.Module, granularity: Granularity) -> Grouping:
 
 
 def _net_applies(model: nn.Module) -> bool:
-    from pytorchvideo.models.net import Net
-
-    return isinstance(model, Net)
+    return instance_of(model, "pytorchvideo.models.net.Net")
 
 
 def _net_groups(model: nn.Module, granularity: Granularity) -> Grouping:

@@ -767,7 +767,13 @@ def _epoch_line(cfg: TrialConfig, m: dict[str, float]) -> str:
 
 
 def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out: Path) -> Path:
-    """Write atomically: a temp file renamed over the latest, whose old copy becomes previous."""
+    """Write atomically: a temp file renamed over the latest, whose old copy becomes previous.
+
+    No name in ``out`` ever goes missing, not even for a moment, so a copy of the folder taken
+    while the trial runs (Ray Tune syncs a trial's folder with each experiment snapshot) never
+    finds a listed file gone: the new file and a second link to the old one are made in a
+    scratch folder on the same filesystem, then renamed over ``checkpoint.pt`` and
+    ``checkpoint.prev.pt``."""
     payload = {
         "model": trial.model.state_dict(),
         "optimizer": trial.optimizer.state_dict(),
@@ -780,7 +786,8 @@ def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out:
     }
     if torch.cuda.is_available():
         payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    tmp = out / (CHECKPOINT + ".tmp")
+    scratch = _scratch(out)
+    tmp = scratch / (CHECKPOINT + ".tmp")
     with tmp.open("wb") as f:
         torch.save(payload, f)
         f.flush()
@@ -789,9 +796,34 @@ def _save_checkpoint(trial: Trial, monitor: SpikeMonitor, state: LoopState, out:
         trial.faults.before_rename(state.epoch - 1)
     latest = out / CHECKPOINT
     if latest.exists():
-        os.replace(latest, out / PREVIOUS)
+        old = scratch / (PREVIOUS + ".tmp")
+        try:
+            old.unlink(missing_ok=True)
+            os.link(latest, old)
+        except OSError:  # a filesystem without hard links: the latest name is gone a moment
+            os.replace(latest, out / PREVIOUS)
+        else:
+            os.replace(old, out / PREVIOUS)
     os.replace(tmp, latest)
     return latest
+
+
+def _scratch(out: Path) -> Path:
+    """Where ``out``'s next checkpoint is written before it is renamed into place: a folder of
+    its own in the system's temp folder when that is on the same filesystem (a rerun reuses
+    it), else ``out`` itself."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / "unfreeze-hpo-checkpoints"
+    folder /= hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.stat().st_dev == out.stat().st_dev:
+            return folder
+    except OSError:
+        pass
+    return out
 
 
 def _resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopState:

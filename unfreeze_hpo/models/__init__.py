@@ -25,6 +25,7 @@ from unfreeze_hpo.models.base import (
     ModelSpec,
     classifier_name,
     did_you_mean,
+    instance_of,
     register_family,
     unwrap,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "fetch",
     "hub",
     "input_of",
+    "instance_of",
     "load_checkpoint",
     "model_input",
     "parse_name",

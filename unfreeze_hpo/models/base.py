@@ -9,6 +9,7 @@ registry only, so a new family is one ``register_family`` call.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,15 @@ from torch import nn
 from unfreeze_hpo.data.spec import ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
 from unfreeze_hpo.registry import Registry
+
+
+def instance_of(model: nn.Module, dotted: str) -> bool:
+    """``isinstance(model, <the class named dotted>)`` without importing its library: a model
+    of that class was built with the library already imported, so a library never imported
+    (or not installed, as on a bare GPU machine) means no."""
+    module, name = dotted.rsplit(".", 1)
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(model, getattr(loaded, name))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,13 @@ from torch import nn
 
 from unfreeze_hpo.data.spec import KINETICS_MEAN, KINETICS_STD, ModelInput
 from unfreeze_hpo.errors import ModelError, Problem
-from unfreeze_hpo.models.base import Family, ModelSpec, call_builder, register_family
+from unfreeze_hpo.models.base import (
+    Family,
+    ModelSpec,
+    call_builder,
+    instance_of,
+    register_family,
+)
 from unfreeze_hpo.models.tiny import SMALL
 
 
@@ -76,13 +82,10 @@ def weights_url(arch: str, spec: ModelSpec) -> str | None:
 
 
 def classifier(model: nn.Module) -> str | None:
-    from pytorchvideo.models.net import Net
-    from pytorchvideo.models.vision_transformers import MultiscaleVisionTransformers
-
-    if isinstance(model, MultiscaleVisionTransformers):
+    if instance_of(model, "pytorchvideo.models.vision_transformers.MultiscaleVisionTransformers"):
         return "head.proj"
-    if isinstance(model, Net):
-        return f"blocks.{len(model.blocks) - 1}.proj"
+    if instance_of(model, "pytorchvideo.models.net.Net"):
+        return f"blocks.{len(model.blocks) - 1}.proj"  # type: ignore[arg-type]
     return None
 
 
