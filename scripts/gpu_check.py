@@ -11,7 +11,7 @@ The data and weights are prepared here first (the `real` extra), into a folder t
                                                                         # itself, on CPU at 16 px
 
 Arms, each a fine-tuning of ImageNet EfficientNet-Lite0 on the real digits (train/val/test
-900/450/447 images) at the model's preprocessing (224 px), batch 64, the last of 2 epochs
+897/450/450 images) at the model's preprocessing (224 px), batch 64, the last of 2 epochs
 measured (``benchmarks/throughput.py`` runs them): ours in bf16 and in fp16 (skipped steps
 counted), the bare timm loop in bf16, and, in full mode, both with ``channels_last``. Then two of
 our bf16 trials share the GPU as two processes at once. The table gives train images/s, ours /
