@@ -123,7 +123,7 @@ def _sleeping_train_run(
     epoch's (the keys the driver's scheduler and callbacks read)."""
     import json
 
-    from unfreeze_hpo import train
+    from unfreeze_hpo import trialdir
     from unfreeze_hpo.signals import NEUTRAL_METRICS
 
     out = Path(cfg.output_dir)
@@ -151,11 +151,11 @@ def _sleeping_train_run(
             "spike_window_steps": 20.0,
             **NEUTRAL_METRICS,
         }
-        (out / train.CHECKPOINT).write_bytes(b"\0" * 1024)
+        (out / trialdir.CHECKPOINT).write_bytes(b"\0" * 1024)
         with lines.open("a") as f:
             f.write(json.dumps({"metrics": metrics}) + "\n")
         if report is not None:
-            report(metrics, out / train.CHECKPOINT)
+            report(metrics, out / trialdir.CHECKPOINT)
 
 
 def ours_trainable(seconds: float) -> Callable[..., None]:

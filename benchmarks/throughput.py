@@ -5,6 +5,7 @@ train images/s, validation and checkpoint seconds apart, and host reads per trai
     .venv/bin/python benchmarks/throughput.py              # 3 rounds, 64 px, ~1 min on 2 cores
     .venv/bin/python benchmarks/throughput.py --quick      # 1 round, 40 images at 16 px, ~15 s
     .venv/bin/python benchmarks/throughput.py --workers 0 1 --json throughput.json
+    .venv/bin/python benchmarks/throughput.py --before none   # without the loop of 803c8c9
 
 Both arms fine-tune the whole model (``strategy: full``) from the same weights file on the same
 digits image folder (``samples.write_digits``: train/val/test 200/100/100 images), with the same
@@ -17,6 +18,13 @@ measured (the first warms the workers, the allocator and the page cache): its tr
 (images/s), its validation and its checkpoint (ours: ``checkpoint.pt``, atomically; bare: one
 ``torch.save`` of model and optimizer). Runs alternate ours, bare, ... (``common.interleave``).
 
+``--before REV`` (default ``803c8c9``, the loop before its data pipeline and step were rebuilt for
+accelerators: loaders rebuilt every epoch, ``loss.item()`` and the gradient norm read every step)
+adds a third arm: the same job through ``train.run`` of the package as it was at that commit
+(``git archive`` into a temporary folder, run in a child process with it first on the path), so
+one run prints before and after side by side. It needs the checkout's git history; ``--quick``
+leaves it out unless asked.
+
 Host reads are counted over the measured epoch's training steps by a ``TorchFunctionMode`` that
 sees every ``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()``, ``.cpu()`` and
 ``.numpy()``: on CUDA only those of tensors on the GPU (device-to-host copies), on the CPU all.
@@ -27,7 +35,11 @@ only torch, torchvision, timm and the package's pure-Python code at import.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -55,8 +67,15 @@ class HostReads(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if getattr(func, "__name__", "") in READS:
             on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
-            self.count += on_device or not self.device_only
+            self.count += on_device or not (self.device_only or _optimizer_internal())
         return func(*args, **(kwargs or {}))
+
+
+def _optimizer_internal() -> bool:
+    """Whether the read is a torch optimizer's of its own state: a non-fused optimizer's step
+    counters live on the host on every device, so on a GPU these reads are no device sync."""
+    caller = sys._getframe(2).f_code.co_filename
+    return f"{os.sep}torch{os.sep}optim{os.sep}" in caller
 
 
 class Clock:
@@ -100,7 +119,8 @@ def ours(job: dict[str, Any]) -> dict[str, float]:
     device = torch.device(job["device"])
     last = job["epochs"] - 1
     figures: dict[str, float] = {}
-    original = train._train_epoch, train.evaluate, train._save_checkpoint, train.setup
+    hooks = _hooks(train)
+    original = [getattr(module, name) for module, name in hooks]
 
     def train_epoch(trial: Any, monitor: Any, state: Any, epoch: int, **kw: Any) -> Any:
         steps, clock = state.step, Clock(device)
@@ -149,17 +169,28 @@ def ours(job: dict[str, Any]) -> dict[str, float]:
                 "output_dir": out,
             }
         )
-        train._train_epoch, train.evaluate = train_epoch, evaluate  # type: ignore[assignment]
-        train._save_checkpoint, train.setup = save, setup  # type: ignore[assignment]
+        for (module, name), hook in zip(hooks, (train_epoch, evaluate, save, setup), strict=True):
+            setattr(module, name, hook)
         try:
             train.run(cfg, log=lambda _: None)
             final = trialdir.read_rows(Path(out))[-1]
-            figures["peak_memory_mb"] = final["peak_memory_mb"]
+            figures["peak_memory_mb"] = final.get("peak_memory_mb", float("nan"))
             figures["amp_skipped"] = final["amp_skipped_total"]
         finally:
-            train._train_epoch, train.evaluate, train._save_checkpoint, train.setup = original
+            for (module, name), function in zip(hooks, original, strict=True):
+                setattr(module, name, function)
     figures["images_per_s"] = figures["images"] / figures["train_s"]
     return figures
+
+
+def _hooks(train: Any) -> list[tuple[Any, str]]:
+    """Where ``train.run`` looks up its epoch, validation, checkpoint and setup functions: the
+    package's loop (the ``train.py`` module of the ``--before`` commit held them all)."""
+    loop = getattr(train, "loop", None)
+    if loop is None:
+        return [(train, name) for name in ("_train_epoch", "evaluate", "_save_checkpoint", "setup")]
+    saver = (train.checkpoints, "save")
+    return [(loop, "_train_epoch"), (loop, "evaluate"), saver, (loop, "setup")]
 
 
 def bare(job: dict[str, Any]) -> dict[str, float]:
@@ -236,16 +267,54 @@ def bare(job: dict[str, Any]) -> dict[str, float]:
     return figures
 
 
-ARMS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {"ours": ours, "bare": bare}
+def before(job: dict[str, Any]) -> dict[str, float]:
+    """``ours`` with the package as it was at ``job["before"]`` (extracted to
+    ``job["before_root"]``), in a child process; the last epoch's figures."""
+    here = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([job["before_root"], here])}
+    child = subprocess.run(
+        [sys.executable, __file__, "--arm-job", json.dumps(job)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if child.returncode:
+        raise RuntimeError(f"the {job['before']} arm failed:\n{child.stderr[-4000:]}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def extract(rev: str, folder: Path) -> str:
+    """The package at ``rev`` of this checkout, unpacked under ``folder``; its root."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", rev, "unfreeze_hpo"], capture_output=True, check=False
+    )
+    if archive.returncode:
+        raise SystemExit(
+            f"--before {rev}: git archive failed ({archive.stderr.decode().strip()}); "
+            "run from a git checkout that has the commit, or pass --before none"
+        )
+    folder.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return str(folder)
+
+
+ARMS: dict[str, Callable[[dict[str, Any]], dict[str, float]]] = {
+    "ours": ours,
+    "bare": bare,
+    "before": before,
+}
 
 
 def measure(
     job: dict[str, Any], repeats: int
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[float]]]:
-    """Each arm's figures per round, and its images/s per round, ours and bare alternating."""
+    """Each arm's figures per round, and its images/s per round, the arms alternating (the
+    ``before`` arm only when the job names a commit)."""
     from common import interleave
 
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in ARMS}
+    names = [name for name in ARMS if name != "before" or job.get("before")]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
 
     def arm(name: str) -> Callable[[], float]:
         def call() -> float:
@@ -254,7 +323,7 @@ def measure(
 
         return call
 
-    rates = interleave({name: arm(name) for name in ARMS}, repeats, warmup=0)
+    rates = interleave({name: arm(name) for name in names}, repeats, warmup=0)
     return results, rates
 
 
@@ -268,7 +337,20 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2, help="per run; the last is measured")
     p.add_argument("--repeats", type=int, default=3, help="rounds of ours, bare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--before",
+        default=None,
+        help="commit whose train.run is a third arm (default 803c8c9, --quick none); none: no arm",
+    )
+    p.add_argument("--arm-job", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.arm_job:  # the child of the before arm
+        torch.set_num_threads(args.threads)
+        print(json.dumps(ours(json.loads(args.arm_job))))
+        return 0
+    if args.before is None:
+        args.before = "none" if args.quick else "803c8c9"
+    args.before = None if args.before == "none" else args.before
     per_class = 40
     if args.quick:  # one epoch of 40 training images at 16 px
         args.size, args.repeats, args.batch_size, args.epochs, per_class = 16, 1, 8, 1, 8
@@ -279,6 +361,9 @@ def main() -> int:
     rows, figures = [], {}
     with tempfile.TemporaryDirectory() as folder:
         data = prepare(Path(folder), per_class)
+        if args.before:
+            data["before"] = args.before
+            data["before_root"] = extract(args.before, Path(folder) / "before")
         for workers in args.workers:
             job = {
                 **data,
@@ -292,14 +377,14 @@ def main() -> int:
             }
             results, rates = measure(job, args.repeats)
             share = ratio(rates["ours"], rates["bare"])
-            for name in ARMS:
+            for name in results:
                 kept = results[name]
                 med = {k: statistics.median(r[k] for r in kept) for k in kept[0]}
                 figures[f"workers={workers} {name}"] = med
                 rows.append(
                     [
                         workers,
-                        name,
+                        name if name != "before" else f"ours at {args.before}",
                         f"{med['images_per_s']:.1f}",
                         f"{med['val_s']:.2f}",
                         f"{med['checkpoint_s']:.2f}",
@@ -311,6 +396,13 @@ def main() -> int:
                 "spread": share.spread,
             }
             rows.append([workers, "ours / bare", f"{share}", "", "", ""])
+            if args.before:
+                gain = ratio(rates["ours"], rates["before"])
+                figures[f"workers={workers} ours/before"] = {
+                    "median": gain.median,
+                    "spread": gain.spread,
+                }
+                rows.append([workers, f"ours / ours at {args.before}", f"{gain}", "", "", ""])
     header = ["workers", "arm", "train images/s", "val s", "checkpoint s", "host reads/step"]
     print(
         f"{VARIANT}, digits at {args.size} px, batch {args.batch_size}, {device}, "

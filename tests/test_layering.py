@@ -5,6 +5,7 @@
 - The library core (blocks, strategies, freezing, signals, the Unfreezer) reaches no YAML,
   pandas or Ray, through any of the modules it imports; ``Unfreezer.from_schedule``, which reads
   an exported YAML file, is the one exception.
+- The training loop (``unfreeze_hpo.train``) reaches neither Ray nor pandas.
 - No two modules import each other, directly or through others.
 
 An import under ``if TYPE_CHECKING:`` is not run, so it is not counted. An edge goes to the module
@@ -130,6 +131,16 @@ def test_only_the_search_and_cluster_packages_import_ray() -> None:
 def test_reading_results_never_imports_ray(reader: str) -> None:
     modules = [m for m in MODULES if m == reader or m.startswith(reader + ".")]
     chains = [" -> ".join(c) for m in modules for c in reach(m) if c[-1] == "ray"]
+    assert chains == []
+
+
+def test_the_training_loop_reaches_no_ray_or_pandas() -> None:
+    # train.run is the one loop, in a Ray trial and in `unfreeze-hpo train` alike.
+    modules = [
+        m for m in MODULES if m == "unfreeze_hpo.train" or m.startswith("unfreeze_hpo.train.")
+    ]
+    assert len(modules) > 4
+    chains = [" -> ".join(c) for m in modules for c in reach(m) if c[-1] in ("ray", "pandas")]
     assert chains == []
 
 

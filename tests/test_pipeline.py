@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 from torch.overrides import TorchFunctionMode
 
-from unfreeze_hpo import drift, train
+from unfreeze_hpo import train, trialdir
 from unfreeze_hpo.config import TrialConfig, from_dict
 from unfreeze_hpo.data import loading
 from unfreeze_hpo.errors import ConfigError
+from unfreeze_hpo.train import checkpoints, drift, loop, step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -127,8 +128,8 @@ def test_a_run_resumed_with_loader_workers_equals_the_uninterrupted_one(tmp_path
         {k: v for k, v in r.items() if k not in volatile} for r in rows(Path(part.output_dir))
     ]
     assert resumed == expected
-    a = torch.load(Path(whole.output_dir) / train.CHECKPOINT, weights_only=True)["model"]
-    b = torch.load(Path(part.output_dir) / train.CHECKPOINT, weights_only=True)["model"]
+    a = torch.load(Path(whole.output_dir) / trialdir.CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(Path(part.output_dir) / trialdir.CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -193,9 +194,9 @@ def test_a_training_epoch_reads_from_the_device_once_per_read_every_steps(
 
         if not cpu_fp16_autocast():
             pytest.skip("this torch has no fp16 autocast on CPU")
-    monkeypatch.setattr(train, "READ_EVERY", 8)
+    monkeypatch.setattr(step, "READ_EVERY", 8)
     per_epoch: list[tuple[int, int]] = []
-    original = train._train_epoch
+    original = loop._train_epoch
 
     def counted(trial: train.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         steps_before = args[1].step
@@ -204,7 +205,7 @@ def test_a_training_epoch_reads_from_the_device_once_per_read_every_steps(
         per_epoch.append((reads.count, args[1].step - steps_before))
         return result
 
-    monkeypatch.setattr(train, "_train_epoch", counted)
+    monkeypatch.setattr(loop, "_train_epoch", counted)
     data = {**SYNTHETIC_IMAGES, "train_samples": 64}
     cfg = synthetic_cfg(
         tmp_path,
@@ -272,7 +273,7 @@ def test_the_drift_probe_copies_only_trainable_parameters_to_the_host_in_their_d
 
 
 def test_peak_memory_is_each_epochs_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = train._train_epoch
+    original = loop._train_epoch
 
     def heavy_first_epoch(trial: train.Trial, *args: Any, **kwargs: Any) -> dict[str, float]:
         if args[2] == 0:
@@ -280,7 +281,7 @@ def test_peak_memory_is_each_epochs_own(tmp_path: Path, monkeypatch: pytest.Monk
             del ballast
         return original(trial, *args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_epoch", heavy_first_epoch)
+    monkeypatch.setattr(loop, "_train_epoch", heavy_first_epoch)
     cfg = synthetic_cfg(tmp_path, epochs=2)
     train.run(cfg, log=quiet)
     first, second = (r["peak_memory_mb"] for r in rows(tmp_path / "t"))
@@ -380,13 +381,13 @@ def test_checkpoints_never_make_a_name_in_the_trial_folder_disappear(
         original(src, dst)
         seen.append((before, set(os.listdir(out))))
 
-    monkeypatch.setattr(train.os, "replace", replace)
+    monkeypatch.setattr(checkpoints.os, "replace", replace)
     train.run(cfg, log=quiet)
     assert len(seen) == 5  # the first epoch's file; then the previous and the latest, twice
     for before, after in seen:
         assert before <= after, before - after
         assert not [name for name in after if name.endswith(".tmp")], after
-    assert {train.CHECKPOINT, train.PREVIOUS} <= seen[-1][1]
+    assert {trialdir.CHECKPOINT, trialdir.PREVIOUS} <= seen[-1][1]
 
 
 def test_progress_bar_within_an_epoch_only_when_asked(

@@ -17,11 +17,12 @@ import yaml
 from support import cpu_fp16_autocast
 
 import unfreeze_hpo
-from unfreeze_hpo import train, unfreezer
+from unfreeze_hpo import train, trialdir, unfreezer
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.config import ScheduleConfig, TrialConfig, from_dict
 from unfreeze_hpo.errors import ConfigError
 from unfreeze_hpo.lr import lr_schedule
+from unfreeze_hpo.train import loop
 
 BASE: dict[str, Any] = {
     "model": {"name": "pytorchvideo:resnet3d_tiny"},
@@ -192,7 +193,7 @@ def on_setup(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[train.Trial
             callback(trial)
         return trial
 
-    monkeypatch.setattr(train, "setup", setup)
+    monkeypatch.setattr(loop, "setup", setup)
     return callbacks.append
 
 
@@ -217,7 +218,7 @@ def step_records(monkeypatch: pytest.MonkeyPatch) -> list[StepRecord]:
         records.append(StepRecord(outcome.read()[2], unchanged))
         return outcome
 
-    monkeypatch.setattr(train, "optimizer_step", spy)
+    monkeypatch.setattr(loop, "optimizer_step", spy)
     return records
 
 
@@ -267,7 +268,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         assert path is not None
-        previous = out / train.PREVIOUS
+        previous = out / trialdir.PREVIOUS
         seen.append(
             EpochSeen(
                 metrics=dict(metrics),
@@ -280,7 +281,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
         )
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train, "setup", setup)
+        mp.setattr(loop, "setup", setup)
         mp.setattr(unfreezer, "build_optimizer", build_optimizer)
         summary = train.run(cfg, report, log=lines.append)
     assert len(trials) == 1
@@ -300,7 +301,7 @@ def resumed_reference(reference: Reference, tmp_path_factory: pytest.TempPathFac
 
 def assert_exact_resume(expected: Path, resumed: Path) -> None:
     assert_same_rows(comparable(expected), comparable(resumed))
-    a, b = load(expected / train.CHECKPOINT), load(resumed / train.CHECKPOINT)
+    a, b = load(expected / trialdir.CHECKPOINT), load(resumed / trialdir.CHECKPOINT)
     for key in ("model", "optimizer", "freezer", "monitor", "loop"):
         assert_same_tensors(a[key], b[key], key)
 
@@ -371,13 +372,13 @@ def test_resume_without_a_checkpoint_is_a_config_error(tmp_path: Path) -> None:
 
 def test_resume_falls_back_to_the_previous_checkpoint(two_epochs: TrialConfig) -> None:
     out = Path(two_epochs.output_dir)
-    (out / train.CHECKPOINT).unlink()
+    (out / trialdir.CHECKPOINT).unlink()
     lines: list[str] = []
     summary = train.run(two_epochs, resume=True, log=lines.append)
-    assert f"resumed from {out / train.PREVIOUS} at epoch 1 (step 4)" in lines
+    assert f"resumed from {out / trialdir.PREVIOUS} at epoch 1 (step 4)" in lines
     assert summary.epochs_run == 2
     assert [r["metrics"]["epoch"] for r in rows(out)] == [0.0, 1.0]
-    assert load(out / train.CHECKPOINT)["loop"]["epoch"] == 2
+    assert load(out / trialdir.CHECKPOINT)["loop"]["epoch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -392,19 +393,19 @@ def test_resume_from_a_damaged_latest_checkpoint_falls_back_to_the_previous(
     two_epochs: TrialConfig, damage: Callable[[bytes], bytes]
 ) -> None:
     out = Path(two_epochs.output_dir)
-    latest = out / train.CHECKPOINT
+    latest = out / trialdir.CHECKPOINT
     latest.write_bytes(damage(latest.read_bytes()))
     lines: list[str] = []
     summary = train.run(two_epochs.replace(epochs=3), resume=True, log=lines.append)
     assert any(line.startswith(f"warning: {latest} is unreadable") for line in lines), lines
-    assert f"resumed from {out / train.PREVIOUS} at epoch 1 (step 4)" in lines
+    assert f"resumed from {out / trialdir.PREVIOUS} at epoch 1 (step 4)" in lines
     assert summary.epochs_run == 3
     assert [r["metrics"]["epoch"] for r in rows(out)] == [0.0, 1.0, 2.0]
 
 
 def test_resume_with_both_checkpoints_damaged_is_a_config_error(two_epochs: TrialConfig) -> None:
     out = Path(two_epochs.output_dir)
-    for name in (train.CHECKPOINT, train.PREVIOUS):
+    for name in (trialdir.CHECKPOINT, trialdir.PREVIOUS):
         (out / name).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="no readable checkpoint"):
         train.run(two_epochs, resume=True, log=quiet)
@@ -422,15 +423,15 @@ def test_resume_refuses_a_checkpoint_carrying_a_pickle_payload(
 ) -> None:
     out = Path(two_epochs.output_dir)
     monkeypatch.chdir(out)
-    payload = load(out / train.CHECKPOINT)
+    payload = load(out / trialdir.CHECKPOINT)
     payload["loop"]["extra"] = Payload()
-    torch.save(payload, out / train.CHECKPOINT)
+    torch.save(payload, out / trialdir.CHECKPOINT)
     with pytest.raises(ConfigError) as caught:
         train.run(two_epochs, resume=True, log=quiet)
     assert "carries a Python object (posix.system)" in str(caught.value)
-    assert str(out / train.CHECKPOINT) in str(caught.value)
+    assert str(out / trialdir.CHECKPOINT) in str(caught.value)
     assert not (out / "PWNED").exists()  # nothing in it ran
-    assert (out / train.PREVIOUS).exists()  # and nothing was overwritten
+    assert (out / trialdir.PREVIOUS).exists()  # and nothing was overwritten
 
 
 # --- 3. atomic checkpoints ------------------------------------------------------------------
@@ -439,7 +440,7 @@ def test_resume_refuses_a_checkpoint_carrying_a_pickle_payload(
 def test_every_epoch_writes_a_complete_weights_only_checkpoint(reference: Reference) -> None:
     assert len(reference.epochs) == 4
     for epoch, seen in enumerate(reference.epochs):
-        assert seen.path == reference.out / train.CHECKPOINT
+        assert seen.path == reference.out / trialdir.CHECKPOINT
         assert not [f for f in seen.files if f.endswith(".tmp")]
         payload = seen.checkpoint
         assert {"model", "optimizer", "freezer", "monitor", "loop", "rng", "config"} <= set(payload)
@@ -449,7 +450,7 @@ def test_every_epoch_writes_a_complete_weights_only_checkpoint(reference: Refere
         assert payload["freezer"]["plan"]["n_trainable"] == epoch
         assert_same_tensors(seen.live_model, payload["model"], "model")
         assert seen.previous_epoch == (epoch if epoch else None)
-        assert (train.PREVIOUS in seen.files) == (epoch > 0)
+        assert (trialdir.PREVIOUS in seen.files) == (epoch > 0)
 
 
 # --- 4. the plan, the optimizer and the reports ---------------------------------------------
@@ -796,7 +797,7 @@ def test_running_again_after_a_crash_between_renames_starts_over(
     two_epochs: TrialConfig,
 ) -> None:
     out = Path(two_epochs.output_dir)
-    (out / train.CHECKPOINT).unlink()
+    (out / trialdir.CHECKPOINT).unlink()
     train.run(two_epochs, log=quiet)
     assert [r["metrics"]["epoch"] for r in rows(out)] == [0.0, 1.0]
     assert len(csv_rows(out)) == 2

@@ -80,7 +80,7 @@ def weights_for(cfg: TrialConfig, log: Any = print) -> Path | None:
 
 def source_checkpoint(cfg: TrialConfig, log: Any = print) -> Path:
     """Path of the source-pretrained weights for ``cfg``'s model, training them if needed."""
-    from unfreeze_hpo import train
+    from unfreeze_hpo import train, trialdir
 
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def source_checkpoint(cfg: TrialConfig, log: Any = print) -> Path:
             source = source_config(cfg, output_dir=work)
             summary = train.run(source, log=lambda line: _epoch_lines(line, log))
             state = torch.load(
-                Path(work) / train.CHECKPOINT, map_location="cpu", weights_only=True
+                Path(work) / trialdir.CHECKPOINT, map_location="cpu", weights_only=True
             )["model"]
             tmp = Path(work) / "weights.pt"
             torch.save(state, tmp)

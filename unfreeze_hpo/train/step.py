@@ -1,0 +1,175 @@
+"""One optimizer step, left on the device: ``backward`` (forward and a weighted backward of a
+batch), ``optimizer_step`` (unscale, clip, and a step a non-finite loss or gradient skips on the
+device), and ``StepValues``, which reads an epoch's step values ``READ_EVERY`` steps at a time."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from unfreeze_hpo.signals import SpikeMonitor
+from unfreeze_hpo.train.trial import LoopState, Trial, TrialFailed
+
+# Steps between the loop's reads of its per-step values (loss, grad norm, skip flag) from the
+# device: one transfer per READ_EVERY steps instead of several per step.
+READ_EVERY = 32
+# What a step's skip code means (StepOutcome.skipped): 0, the step ran.
+SKIPPED: tuple[str | None, ...] = (None, "nonfinite_loss", "nonfinite_grad", "amp_overflow")
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step's values, left on the device (reading them is a host sync)."""
+
+    loss: torch.Tensor  # 0-d: mean over the step's batches
+    grad_norm: torch.Tensor  # 0-d: before clipping
+    skipped: torch.Tensor  # 0-d int: an index into SKIPPED, 0 when the step ran
+
+    def read(self) -> tuple[float, float, str | None]:
+        """The values on the host (one transfer)."""
+        return read_outcomes([self])[0]
+
+
+def read_outcomes(outcomes: Sequence[StepOutcome]) -> list[tuple[float, float, str | None]]:
+    """(loss, grad norm, skip reason) of each step, read from the device in one transfer."""
+    columns = [
+        torch.stack([getattr(o, name).float() for o in outcomes])
+        for name in ("loss", "grad_norm", "skipped")
+    ]
+    rows = torch.stack(columns, dim=1).tolist()
+    return [(loss, norm, SKIPPED[int(code)]) for loss, norm, code in rows]
+
+
+def train_step(
+    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, params: Sequence[nn.Parameter]
+) -> StepOutcome:
+    """One optimizer step on one batch (see ``backward`` and ``optimizer_step``)."""
+    return optimizer_step(trial, backward(trial, inputs, labels, 1.0), params)
+
+
+def backward(
+    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """Forward and backward of one batch, its loss weighted by ``weight`` (1 / the batches of
+    the step); returns the unweighted loss, detached, on the device.
+
+    ``labels``: class indices, or soft targets (mixup), which carry their label smoothing."""
+    with autocast(trial):
+        logits = trial.model(inputs)
+    smoothing = trial.cfg.label_smoothing if labels.ndim == 1 else 0.0
+    loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+    # A non-finite loss backpropagates non-finite gradients, and the step is skipped on them.
+    trial.scaler.scale(loss * weight).backward()
+    return loss.detach()
+
+
+def optimizer_step(trial: Trial, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> StepOutcome:
+    """Unscale, clip and step on the accumulated gradients; a non-finite loss or gradient
+    skips the step on the device. Nothing is read back and nothing is sanitised."""
+    optimizer, scaler = trial.optimizer, trial.scaler
+    scaler.unscale_(optimizer)
+    clip = trial.cfg.optimizer.grad_clip or math.inf
+    norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else loss.new_zeros(())
+    loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(norm)
+    # With fp16 an inf gradient is the GradScaler's overflow: it skips the step (on the device,
+    # with a fused optimizer) and lowers its scale. Without a scaler the loop skips it itself.
+    overflow = SKIPPED.index("amp_overflow" if scaler.is_enabled() else "nonfinite_grad")
+    code = torch.where(loss_ok, torch.where(grad_ok, 0, overflow), SKIPPED.index("nonfinite_loss"))
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        _step_unless(optimizer, code != 0)
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, norm.detach(), code)
+
+
+def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """``optimizer.step()`` unless ``skip``, decided on the device where the optimizer can."""
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        # The protocol the GradScaler uses with fused optimizers: their kernels leave the
+        # parameters, their state and the step count as they were where found_inf is set.
+        optimizer.grad_scale, optimizer.found_inf = None, skip.float()  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
+    elif not bool(skip):  # an optimizer without device-side skipping: one read per step
+        optimizer.step()
+
+
+class StepValues:
+    """An epoch's per-step values: kept on the device, read ``READ_EVERY`` steps at a time,
+    then fed to the spike monitor and the divergence check in step order."""
+
+    def __init__(
+        self, max_nonfinite: int, monitor: SpikeMonitor, state: LoopState, epoch: int, bar: Any
+    ) -> None:
+        self.max_nonfinite, self.monitor, self.state = max_nonfinite, monitor, state
+        self.epoch, self.bar = epoch, bar
+        self.pending: list[StepOutcome] = []
+        self.next_step = state.step  # global step of pending[0]
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.skipped = 0
+
+    def add(self, outcome: StepOutcome) -> None:
+        self.pending.append(outcome)
+        if len(self.pending) >= READ_EVERY:
+            self.read()
+
+    def read(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        state = self.state
+        for loss, norm, reason in read_outcomes(pending):  # the one read of these steps
+            step, self.next_step = self.next_step, self.next_step + 1
+            # A step whose loss was already non-finite has no meaningful gradient norm.
+            self.monitor.update(step, loss, math.nan if reason == "nonfinite_loss" else norm)
+            if reason is None:
+                state.nonfinite_streak = 0
+                self.losses.append(loss)
+                self.norms.append(norm)
+                continue
+            self.skipped += 1
+            state.nonfinite_streak += 1
+            state.skipped_total += 1
+            state.amp_skipped_total += reason == "amp_overflow"
+            if state.nonfinite_streak >= self.max_nonfinite:
+                raise TrialFailed(
+                    "diverged",
+                    f"{state.nonfinite_streak} consecutive steps with non-finite "
+                    f"loss or gradients (last: {reason})",
+                    self.epoch,
+                    step + 1,
+                )
+        if self.bar is not None and self.losses:
+            self.bar.set_postfix_str(f"loss {self.losses[-1]:.4f}")  # redraws the bar
+
+    def summary(self) -> dict[str, float]:
+        self.read()
+        return {
+            "loss": _mean(self.losses),
+            "grad_norm": _mean(self.norms),
+            "grad_norm_max": max(self.norms, default=0.0),
+            "skipped": float(self.skipped),
+            "steps_taken": float(len(self.losses)),
+        }
+
+
+def autocast(trial: Trial) -> contextlib.AbstractContextManager[Any]:
+    if trial.cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if trial.cfg.amp == "bf16" else torch.float16
+    return torch.autocast(trial.device.type, dtype=dtype)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
