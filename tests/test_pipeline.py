@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,24 @@ def test_an_epoch_of_augmented_batches_is_the_same_with_or_without_workers(
     # Another epoch draws other crops and another order.
     other = epoch_batches(image_cfg(tmp_path, "c", num_workers=0), epoch=2)
     assert not torch.equal(torch.cat(alone), torch.cat(other))
+
+
+def test_a_loader_without_workers_leaves_the_training_processs_random_states_alone(
+    tmp_path: Path,
+) -> None:
+    # Each sample is drawn under its own seeds; the training process's streams go on as if the
+    # batches had not been drawn (its dropout, mixup and init draw from them).
+    textured_folder(tmp_path / "images")
+    trial = train.setup(image_cfg(tmp_path, "a", num_workers=0), quiet)
+    try:
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        expected = torch.rand(3), random.random(), np.random.rand()
+        torch.manual_seed(7), random.seed(7), np.random.seed(7)
+        assert len(list(loading.batches(trial.loaders.train, 1))) == 3
+        assert torch.equal(torch.rand(3), expected[0])
+        assert (random.random(), np.random.rand()) == expected[1:]
+    finally:
+        trial.loaders.close()
 
 
 def test_a_run_resumed_with_loader_workers_equals_the_uninterrupted_one(tmp_path: Path) -> None:
