@@ -101,8 +101,9 @@ def describe(transform: Any) -> str:
 
 
 class PerSampleSeeds(torch.utils.data.Dataset[Any]):
-    """A dataset whose sample ``i`` of epoch ``epoch`` is drawn under torch, ``random`` and
-    numpy seeded from ``(seed, epoch, i)``; the generators' states are restored after."""
+    """A dataset whose sample ``i`` of epoch ``epoch`` is drawn under torch's CPU generator,
+    ``random`` and numpy seeded from ``(seed, epoch, i)`` (splitmix64's finaliser over the
+    three in turn); the generators' states are restored after."""
 
     def __init__(self, dataset: Any, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0
@@ -114,8 +115,10 @@ class PerSampleSeeds(torch.utils.data.Dataset[Any]):
         import numpy as np
 
         state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        draw = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        torch.manual_seed(draw)
+        draw = splitmix(self.seed + GOLDEN)
+        draw = splitmix((draw ^ self.epoch) + GOLDEN)
+        draw = splitmix((draw ^ index) + GOLDEN) >> 32
+        torch.default_generator.manual_seed(draw)
         random.seed(draw)
         np.random.seed(draw)
         try:
@@ -124,6 +127,17 @@ class PerSampleSeeds(torch.utils.data.Dataset[Any]):
             torch.set_rng_state(state[0])
             random.setstate(state[1])
             np.random.set_state(state[2])
+
+
+GOLDEN, MASK = 0x9E3779B97F4A7C15, 2**64 - 1
+
+
+def splitmix(x: int) -> int:
+    """splitmix64's finaliser on a 64-bit integer."""
+    x &= MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK
+    return x ^ (x >> 31)
 
 
 def bare_run(job: dict[str, Any]) -> dict[str, Any]:
