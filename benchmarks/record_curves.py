@@ -5,8 +5,8 @@ from the project's own space (search_spaces/all.yaml), each run with ``train.run
 Ray) and every epoch's full metrics dict kept: what Tune's schedulers and the spike rule would
 have read, val_acc, best_val_acc and val_loss included.
 
-    .venv/bin/python benchmarks/record_curves.py    # 52 trials, 2 workers x 1 thread: ~18 min
-    .venv/bin/python benchmarks/record_curves.py --quick   # 4 trials x 2 epochs, to a temp file
+    .venv/bin/python benchmarks/record_curves.py    # 64 trials, 2 workers x 1 thread: ~20 min
+    .venv/bin/python benchmarks/record_curves.py --quick   # 5 trials x 2 epochs, to a temp file
 
 Choices (also written into the file's header, under "settings"):
 
@@ -23,6 +23,10 @@ Choices (also written into the file's header, under "settings"):
     trial diverged and only two spiked above x3, so these make sure the replay sees spikes.
   - 4 *diverge* trials: the same with SGD (momentum 0.9) at lr 5..50, a misconfigured LR; some
     go non-finite and fail as "diverged", as no AdamW trial of this task did.
+  - 12 *late* unfreezers inside the space: progressive, its initial blocks held for 4..8
+    epochs (``LATE_FREEZE_EPOCHS``), the rest sampled. Their first unfreeze event comes at or
+    after the search's first ASHA rung (grace 4): the schedules a rung counted in plain epochs
+    judges before they fine-tune at all. Cohort "late".
   Every trial keeps the base seed 0, as in a search. Each cohort has its own seeded generator and
   comes after the others, so adding one keeps the trials already recorded.
 - The task is the embedded default unchanged (512 training clips: 16 steps an epoch, which the
@@ -69,8 +73,12 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "examples" / "embedded.yaml"
 SPACE = ROOT / "search_spaces" / "all.yaml"
 OUT = ROOT / "benchmarks" / "data" / "curves.json"
-FORMAT = 1
-STRATA = ("space", "aggressive")  # the cohorts inside all.yaml
+# 2: the spike signals compare like with like, fp16 overflows are counted apart, phase_epochs
+FORMAT = 2
+STRATA = ("space", "aggressive", "late")  # the cohorts inside all.yaml
+# Epochs before a late unfreezer's first event: at or after the search's first ASHA rung (grace
+# 4), all inside all.yaml's progressive.initial_freeze_epochs (0..8).
+LATE_FREEZE_EPOCHS = (4, 8)
 
 # The hot corner of all.yaml: fast unfreezing at a high LR, every value inside the space.
 AGGRESSIVE_STRATEGIES: tuple[dict[str, Any], ...] = (
@@ -129,13 +137,14 @@ def diverge_params(rng: random.Random) -> dict[str, Any]:
 
 
 def sample(
-    trials: int, seed: int, share: float, stress: int = 0, diverge: int = 0
+    trials: int, seed: int, share: float, stress: int = 0, diverge: int = 0, late: int = 0
 ) -> list[tuple[str, dict[str, Any]]]:
     """(cohort, flat params) for every trial, in order; a pure function of the arguments.
 
     Cohorts: "space" (sampled) and "aggressive" (the space's hot corner), then ``stress`` trials
-    past the space's bounds, then ``diverge`` trials; each cohort draws from its own seeded
-    generator and comes after the others, so adding one keeps the trials already planned."""
+    past the space's bounds, then ``diverge`` trials, then ``late`` unfreezers of the space;
+    each cohort draws from its own seeded generator and comes after the others, so adding one
+    keeps the trials already planned."""
     from unfreeze_hpo.search.space import load_space
 
     space = load_space(SPACE)
@@ -154,6 +163,18 @@ def sample(
     stress_rng, diverge_rng = random.Random(seed + 1), random.Random(seed + 2)
     out += [("stress", stress_params(stress_rng)) for _ in range(stress)]
     out += [("diverge", diverge_params(diverge_rng)) for _ in range(diverge)]
+    late_rng = random.Random(seed + 3)
+    late_study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed + 3))
+    for _ in range(late):
+        # progressive from its initial blocks, held LATE_FREEZE_EPOCHS epochs; the rest sampled
+        freeze = late_rng.randint(*LATE_FREEZE_EPOCHS)
+        late_study.enqueue_trial(
+            {"strategy": "progressive", "progressive.initial_freeze_epochs": freeze}
+        )
+        trial = late_study.ask()
+        fixed = space.define_by_run(trial)
+        out.append(("late", {**trial.params, **fixed}))
+        late_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     return out
 
 
@@ -220,6 +241,7 @@ def run_one(
 def task_of(args: Any) -> dict[str, Any]:
     """What a recorded trial depends on besides its params (a resume must match it)."""
     return {
+        "format": FORMAT,
         "base": str(BASE.relative_to(ROOT)),
         "space": str(SPACE.relative_to(ROOT)),
         "epochs": args.epochs,
@@ -231,10 +253,12 @@ def task_of(args: Any) -> dict[str, Any]:
 def settings_of(args: Any) -> dict[str, Any]:
     return {
         **task_of(args),
-        "trials": args.trials + args.stress + args.diverge,
+        "trials": args.trials + args.stress + args.diverge + args.late,
         "space_trials": args.trials,
         "stress_trials": args.stress,
         "diverge_trials": args.diverge,
+        "late_trials": args.late,
+        "late_freeze_epochs": list(LATE_FREEZE_EPOCHS),
         "seed": args.seed,
         "sampler": "optuna RandomSampler(seed) over SearchSpace.define_by_run",
         "aggressive_share": args.aggressive,
@@ -289,6 +313,7 @@ def main() -> int:
     p.add_argument("--trials", type=int, default=40, help="trials sampled from the space")
     p.add_argument("--stress", type=int, default=8, help="stress trials past the space's bounds")
     p.add_argument("--diverge", type=int, default=4, help="trials at a diverging SGD LR")
+    p.add_argument("--late", type=int, default=12, help="progressive trials unfreezing late")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--aggressive", type=float, default=1 / 3, help="share of hot-corner trials")
     p.add_argument("--epochs", type=int, default=12)
@@ -298,7 +323,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
     if args.quick:  # never over the committed data unless asked to
-        args.trials, args.stress, args.diverge, args.epochs = 2, 1, 1, 2
+        args.trials, args.stress, args.diverge, args.late, args.epochs = 2, 1, 1, 1, 2
         if args.out == OUT:
             args.out = Path(tempfile.gettempdir()) / "curves-quick.json"
     settings = settings_of(args)
@@ -308,7 +333,7 @@ def main() -> int:
     from unfreeze_hpo.embedded import source_checkpoint
 
     source_checkpoint(config_module.load(BASE), print)  # built (or found) once, before workers
-    plan = sample(args.trials, args.seed, args.aggressive, args.stress, args.diverge)
+    plan = sample(args.trials, args.seed, args.aggressive, args.stress, args.diverge, args.late)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".partial.jsonl")
     done, earlier = load_recorded(args.out, task_of(args), plan)

@@ -18,7 +18,8 @@ PRUNERS = {
     "Hyperband (Optuna)",
     "median (Optuna)",
     "spike + FIFO",
-    "spike + ASHA (default)",
+    "spike + ASHA, no phase grace",
+    "spike + ASHA, phase grace 1 (default)",
 }
 # What the schedulers, the spike rule and the replay read from each epoch.
 READ = {
@@ -38,13 +39,14 @@ READ = {
     "spike_window_steps",
     "spike_val_drop",
     "spike_worst_loss_ratio",
+    "phase_epochs",
 }
 
 
 def test_recorded_curves_have_the_documented_structure() -> None:
     assert CURVES.stat().st_size < 1_000_000
     data = json.loads(CURVES.read_text(encoding="utf-8"))
-    assert data["format"] == 1
+    assert data["format"] == 2
     settings = data["settings"]
     for key in ("base", "space", "trials", "seed", "epochs", "train_samples", "metric", "mode"):
         assert key in settings
@@ -52,7 +54,7 @@ def test_recorded_curves_have_the_documented_structure() -> None:
     assert len(trials) == settings["trials"] >= 8
     for position, trial in enumerate(trials):
         assert trial["index"] == position
-        assert trial["cohort"] in ("space", "aggressive", "stress", "diverge")
+        assert trial["cohort"] in ("space", "aggressive", "stress", "diverge", "late")
         assert isinstance(trial["params"], dict) and "strategy" in trial["params"]
         assert trial["status"] in ("completed", "failed")
         columns = trial["metrics"]
@@ -88,7 +90,8 @@ def test_pruning_replay_quick_reports_every_pruner(tmp_path: Path) -> None:
     pruners = figures["pruners"]
     assert set(pruners) == PRUNERS
     for name, row in pruners.items():
-        for key in ("total_epochs", "unstable_epochs", "false_prune_rate", "pruned"):
+        keys = ("total_epochs", "unstable_epochs", "false_prune_rate", "pruned")
+        for key in (*keys, "late_false_prune_rate"):
             assert math.isfinite(row[key]), (name, key)
         assert 0 <= row["false_prune_rate"] <= 1
         # Epochs to the best quality are finite unless the pruner pruned the best trials in
@@ -100,7 +103,29 @@ def test_pruning_replay_quick_reports_every_pruner(tmp_path: Path) -> None:
     # Without pruning every trial runs to its end, so the best one is always reached.
     fifo = pruners["FIFO (no pruning)"]
     assert fifo["pruned"] == 0 and fifo["orders_reaching_best"] == fifo["orders"]
-    assert figures["settings"]["n_curves"] == 8
+    assert figures["settings"]["n_curves"] == 9
     assert figures["settings"][
         "unstable"
     ]  # the quick set keeps a failed trial: on_trial_error runs
+
+
+def test_the_recorded_curves_hold_late_unfreezers_and_their_phase_clock() -> None:
+    # At least 12 trials whose first unfreeze event comes at or after the first rung (epoch 4),
+    # each reporting the phase clock the rungs count: 0 until that event.
+    data = json.loads(CURVES.read_text(encoding="utf-8"))
+    late = []
+    for trial in data["trials"]:
+        columns = trial["metrics"]
+        firsts = [
+            e
+            for n, e in zip(columns["spike_events"], columns["spike_event_epoch"], strict=True)
+            if n is not None and n >= 1
+        ]
+        if firsts and firsts[0] >= 4:
+            late.append(trial)
+            if trial["params"]["strategy"] == "adaptive":
+                continue  # its phase starts at half its epochs at the latest
+            start = int(firsts[0])
+            assert columns["phase_epochs"][:start] == [0.0] * start
+            assert columns["phase_epochs"][start] == 1.0
+    assert len(late) >= 12

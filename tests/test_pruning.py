@@ -385,3 +385,52 @@ def test_reasons_survive_a_driver_restore(ray_session: None, tmp_path: Path) -> 
     assert scheduler.reasons == {
         first[0].metrics["trial_id"]: "loss x5 over baseline after unfreezing block 2 at epoch 2"
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The phase grace: no rung stops a schedule whose backbone is still frozen
+
+
+def phased(epoch: int, val_acc: float, start: int) -> dict[str, float]:
+    """A result of a schedule whose fine-tuning phase starts at epoch ``start``."""
+    return {**report(epoch + 1, val_acc), "phase_epochs": float(max(0, epoch + 1 - start))}
+
+
+@pytest.mark.parametrize(("phase_grace", "late_stopped"), [(1, False), (0, True)])
+def test_a_late_unfreezer_is_not_stopped_at_a_rung_before_its_first_event(
+    phase_grace: int, late_stopped: bool
+) -> None:
+    common: dict[str, Any] = dict(max_t=10, grace_period=1, reduction_factor=2)
+    sched = make_scheduler(
+        "asha", None, metric="val_acc", mode="max", **common, phase_grace=phase_grace
+    )
+    early, late, later = trial(), trial(), trial()
+    for t in (early, late, later):
+        sched.on_trial_add(None, t)
+    # A schedule that fine-tunes from epoch 0 reaches the first rung.
+    assert sched.on_trial_result(None, early, phased(0, 0.9, start=0)) == CONTINUE
+    # One that trains its head alone until epoch 3: low accuracy at the rung, below the cutoff.
+    decision = sched.on_trial_result(None, late, phased(0, 0.1, start=3))
+    if late_stopped:  # plain ASHA judges it before its backbone has trained at all
+        assert decision == STOP
+        assert "below the rung cutoff 0.9 at epoch 0" in sched.reasons[late.trial_id]
+        return
+    assert decision == CONTINUE and sched.reasons == {}
+    # Its value still counts at the rung: a third trial meets the cutoff it lowered.
+    assert sched.on_trial_result(None, later, phased(0, 0.5, start=0)) == CONTINUE
+    # In its phase it is judged at the next rung it reaches (epoch 3), like any other trial.
+    for epoch in (1, 2, 3):
+        assert sched.on_trial_result(None, early, phased(epoch, 0.95, start=0)) == CONTINUE
+    for epoch in (1, 2):  # a rung at epoch 1 too, still before its phase
+        assert sched.on_trial_result(None, late, phased(epoch, 0.1, start=3)) == CONTINUE
+    assert sched.on_trial_result(None, late, phased(3, 0.2, start=3)) == STOP
+    assert "below the rung cutoff" in sched.reasons[late.trial_id]
+
+
+def test_the_phase_grace_is_a_checked_option() -> None:
+    common: dict[str, Any] = dict(max_t=6, grace_period=1, reduction_factor=2)
+    with pytest.raises(ConfigError) as info:
+        make_scheduler("asha", None, metric="val_acc", mode="max", **common, phase_grace=-1)
+    (problem,) = info.value.problems
+    assert problem.field == "pruning.phase_grace"
+    assert make_scheduler("asha", None, metric="val_acc", mode="max", **common).phase_grace == 1

@@ -689,3 +689,30 @@ def test_yaml_exponent_strings_for_integer_fields() -> None:
     assert strategy.freeze_epochs == 10 and isinstance(strategy.freeze_epochs, int)
     with pytest.raises(ConfigError, match=r"strategy\.freeze_epochs"):
         create("early_gradual", {"freeze_epochs": "2.5"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a schedule's fine-tuning phase starts (the rung schedulers' clock)
+
+SIX = [10] * 6
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "first_event", "start"),
+    [
+        ("full", {}, None, 0),  # no event ever: judged from epoch 0 as what it is
+        ("frozen", {}, None, 0),
+        ("fixed", {"phases": [[0, 3]]}, None, 0),  # a fixed plan from epoch 0
+        ("fixed", {"phases": [[0, 1], [4, 3]]}, None, 4),
+        ("early_gradual", {"freeze_epochs": 3}, None, 3),
+        ("early_gradual", {"freeze_epochs": 0, "blocks_per_epoch": 2}, None, 1),
+        ("progressive", {"initial_freeze_epochs": 5}, None, 5),
+        ("adaptive", {}, None, 6),  # no event yet: half of its 12 epochs
+        ("adaptive", {}, 2, 2),  # its first event, when it comes before that
+        ("adaptive", {}, 9, 6),
+    ],
+)
+def test_phase_start(
+    name: str, params: dict[str, Any], first_event: int | None, start: int
+) -> None:
+    assert create(name, params).phase_start(12, SIX, first_event) == start

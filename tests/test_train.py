@@ -210,12 +210,12 @@ def step_records(monkeypatch: pytest.MonkeyPatch) -> list[StepRecord]:
     records: list[StepRecord] = []
     original = train.optimizer_step
 
-    def spy(trial: train.Trial, loss: torch.Tensor, params: Any) -> train.StepOutcome:
+    def spy(trial: train.Trial, loss: torch.Tensor, params: Any, new: Any) -> train.StepOutcome:
         before = [p.detach().clone() for p in trial.model.parameters()]
-        outcome = original(trial, loss, params)
+        outcome = original(trial, loss, params, new)
         after = list(trial.model.parameters())
         unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-        records.append(StepRecord(outcome.read()[2], unchanged))
+        records.append(StepRecord(outcome.read().skipped, unchanged))
         return outcome
 
     monkeypatch.setattr(loop, "optimizer_step", spy)

@@ -81,7 +81,8 @@ def preflight(
         inputs, labels = next(batches)
         trial.freezer.set_lr(step)
         outcome = train_step(trial, inputs.to(trial.device), labels.to(trial.device), params)
-        loss, _, reason = outcome.read()  # a short check: one read per step is fine here
+        read = outcome.read()  # a short check: one read per step is fine here
+        loss, reason = read.loss, read.skipped
         losses.append(loss)
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1

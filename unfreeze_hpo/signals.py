@@ -2,6 +2,12 @@
 
 This module only measures (loss / grad-norm spikes, non-finite steps, recovery, validation drop)
 and reports flat, always-finite numbers; whether to stop a trial is decided elsewhere.
+
+The grad-norm ratio compares like with like: in an event's window it is the gradient norm of
+the parameters that were trainable before the event over their own baseline, not the norm of a
+larger set (the head plus a million newly unfrozen weights) over the head's. The newly unfrozen
+blocks' gradient is its own signal: their per-parameter RMS over that of the previously
+trainable parameters. fp16 overflows the GradScaler skips are counted apart, not as non-finite.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ NEUTRAL_METRICS: dict[str, float] = {
     "spike_events": 0.0,
     "spike_loss_ratio": 1.0,
     "spike_grad_ratio": 1.0,
+    "spike_new_grad_rms_ratio": 1.0,
     "spike_nonfinite": 0.0,
+    "spike_amp_skipped": 0.0,
     "spike_recovery_steps": 0.0,
     "spike_recovered": 1.0,
     "spike_val_drop": 0.0,
     "spike_worst_loss_ratio": 1.0,
     "spike_worst_grad_ratio": 1.0,
+    "spike_worst_new_grad_rms_ratio": 1.0,
     "spike_worst_nonfinite": 0.0,
     "spike_worst_val_drop": 0.0,
     "spike_worst_recovery_steps": 0.0,
@@ -53,10 +62,18 @@ class SpikeEvent:
     baseline_loss: float  # mean of the last finite losses before the event (nan if none)
     baseline_grad_norm: float  # mean of the last finite grad norms before the event (nan if none)
     # Max over the window of value / baseline, finite values only; nan while nothing was measured
-    # or when the baseline is missing or not > 0 (a ratio to it would mean nothing).
+    # or when the baseline is missing or not > 0 (a ratio to it would mean nothing). The grad
+    # ratio's value is the norm of the parameters trainable before the event, where the step
+    # measured it apart (else the whole norm).
     max_loss_ratio: float = math.nan
     max_grad_ratio: float = math.nan
     nonfinite: int = 0  # window steps whose loss or grad norm was nan/inf
+    prior_params: int = 0  # trainable parameters before the event
+    new_params: int = 0  # trainable parameters the event added
+    # Max over the window of the newly unfrozen parameters' gradient RMS over the previously
+    # trainable ones' (nan while not measured).
+    max_new_grad_rms_ratio: float = math.nan
+    amp_skipped: int = 0  # window steps the fp16 GradScaler skipped on an overflow
     # Window index (0-based) of the first finite loss <= baseline_loss, i.e. the number of window
     # steps spent above the baseline before it. None: not recovered (yet), or no baseline.
     recovery_steps: int | None = None
@@ -106,8 +123,22 @@ def _running_max_ratio(current: float, value: float | None, baseline: float) -> 
     return ratio if math.isnan(current) else max(current, ratio)
 
 
-def advance(event: SpikeEvent, loss: float, grad_norm: float | None) -> SpikeEvent:
-    """The event after one more window step (the caller checks that the window is still open)."""
+def advance(
+    event: SpikeEvent,
+    loss: float,
+    grad_norm: float | None,
+    new_norm: float | None = None,
+    overflow: bool = False,
+) -> SpikeEvent:
+    """The event after one more window step (the caller checks that the window is still open).
+
+    ``grad_norm``: of the parameters trainable before the event; ``new_norm``: of those it
+    unfroze; ``overflow``: the step was an fp16 overflow the GradScaler skipped (counted, not
+    measured)."""
+    if overflow:
+        return dataclasses.replace(
+            event, amp_skipped=event.amp_skipped + 1, steps_seen=event.steps_seen + 1
+        )
     bad = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
     recovery = event.recovery_steps
     if (
@@ -126,7 +157,19 @@ def advance(event: SpikeEvent, loss: float, grad_norm: float | None) -> SpikeEve
         nonfinite=event.nonfinite + int(bad),
         recovery_steps=recovery,
         steps_seen=event.steps_seen + 1,
+        max_new_grad_rms_ratio=_running_max_ratio(
+            event.max_new_grad_rms_ratio,
+            _rms(new_norm, event.new_params),
+            _rms(grad_norm, event.prior_params),
+        ),
     )
+
+
+def _rms(norm: float | None, count: int) -> float:
+    """The per-parameter RMS of a gradient of ``count`` entries and this norm (nan if unknown)."""
+    if norm is None or count < 1 or not math.isfinite(norm):
+        return math.nan
+    return norm / math.sqrt(count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +256,19 @@ class SpikeMonitor:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def on_unfreeze(self, epoch: int, step: int, blocks: Sequence[str]) -> None:
-        """Start an event; its baseline comes from the steps recorded before this call."""
+    def on_unfreeze(
+        self,
+        epoch: int,
+        step: int,
+        blocks: Sequence[str],
+        *,
+        prior_params: int = 0,
+        new_params: int = 0,
+    ) -> None:
+        """Start an event; its baseline comes from the steps recorded before this call.
+
+        ``prior_params`` / ``new_params``: trainable parameters before the event and added by
+        it, for the newly unfrozen blocks' gradient RMS (0: not measured)."""
         self._events.append(
             SpikeEvent(
                 epoch=epoch,
@@ -223,21 +277,48 @@ class SpikeMonitor:
                 baseline_loss=_mean(self._losses),
                 baseline_grad_norm=_mean(self._grad_norms),
                 val_before=self._last_val,
+                prior_params=prior_params,
+                new_params=new_params,
             )
         )
 
-    def update(self, step: int, loss: float, grad_norm: float | None) -> None:
+    def in_window(self, step: int) -> bool:
+        """Whether the latest event's window covers global step ``step`` (counted from the
+        event's first step; the caller's step numbering, as given to ``on_unfreeze``)."""
+        return bool(self._events) and 0 <= step - self._events[-1].step < self.window_steps
+
+    def update(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float | None,
+        *,
+        prior_norm: float | None = None,
+        new_norm: float | None = None,
+        overflow: bool = False,
+    ) -> None:
         """Record one optimizer step; ``grad_norm`` is None when unknown (not counted as bad).
+
+        ``prior_norm`` / ``new_norm``: within an event's window, the gradient norm of the
+        parameters trainable before the latest event and of those it unfroze (the event ratio
+        then uses ``prior_norm``; the baseline for later events keeps ``grad_norm``).
+        ``overflow``: an fp16 overflow the GradScaler skipped: counted in the window, neither
+        non-finite nor part of a baseline.
 
         ``step`` is the caller's global step, kept for its bookkeeping only: the window is the
         count of ``update`` calls, so an off-by-one in the caller's numbering cannot shift it.
         """
         loss = float(loss)
         grad = None if grad_norm is None else float(grad_norm)
+        like = grad if prior_norm is None else float(prior_norm)
+        new = None if new_norm is None else float(new_norm)
         # Several windows can be open at once (an event before the previous window closed).
         self._events = [
-            advance(e, loss, grad) if e.steps_seen < self.window_steps else e for e in self._events
+            advance(e, loss, like, new, overflow) if e.steps_seen < self.window_steps else e
+            for e in self._events
         ]
+        if overflow:
+            return
         if math.isfinite(loss):
             self._losses.append(loss)
         if grad is not None and math.isfinite(grad):
@@ -271,12 +352,17 @@ class SpikeMonitor:
             "spike_events": float(len(self._events)),
             "spike_loss_ratio": _ratio_metric(latest.max_loss_ratio),
             "spike_grad_ratio": _ratio_metric(latest.max_grad_ratio),
+            "spike_new_grad_rms_ratio": _ratio_metric(latest.max_new_grad_rms_ratio),
             "spike_nonfinite": float(latest.nonfinite),
+            "spike_amp_skipped": float(latest.amp_skipped),
             "spike_recovery_steps": recovery,
             "spike_recovered": recovered,
             "spike_val_drop": 0.0 if latest_drop is None else latest_drop,
             "spike_worst_loss_ratio": max(_ratio_metric(e.max_loss_ratio) for e in self._events),
             "spike_worst_grad_ratio": max(_ratio_metric(e.max_grad_ratio) for e in self._events),
+            "spike_worst_new_grad_rms_ratio": max(
+                _ratio_metric(e.max_new_grad_rms_ratio) for e in self._events
+            ),
             "spike_worst_nonfinite": float(max(e.nonfinite for e in self._events)),
             "spike_worst_val_drop": max(drops, default=0.0),
             "spike_worst_recovery_steps": max(_recovery_metric(e)[0] for e in self._events),
@@ -317,7 +403,8 @@ def _event_from_state(state: dict[str, Any]) -> SpikeEvent:
     values = dict(state)
     values["blocks"] = tuple(state["blocks"])
     for name in _FLOAT_FIELDS:
-        values[name] = _decode(state[name])
+        if name in state:  # a checkpoint from before a field existed keeps its default
+            values[name] = _decode(state[name])
     return SpikeEvent(**values)
 
 
@@ -326,6 +413,7 @@ _FLOAT_FIELDS = (
     "baseline_grad_norm",
     "max_loss_ratio",
     "max_grad_ratio",
+    "max_new_grad_rms_ratio",
     "val_before",
     "val_after",
 )

@@ -21,7 +21,6 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-from ray.tune.search.optuna import OptunaSearch
 
 import unfreeze_hpo
 from unfreeze_hpo import storage
@@ -33,6 +32,7 @@ from unfreeze_hpo.search.options import SearchConfig
 from unfreeze_hpo.search.progress import ProgressPrinter
 from unfreeze_hpo.search.pruning import make_scheduler
 from unfreeze_hpo.search.recorder import StudyRecorder
+from unfreeze_hpo.search.searcher import Searcher
 from unfreeze_hpo.search.space import SearchSpace
 from unfreeze_hpo.search.trainable import run_trial
 from unfreeze_hpo.train import Log
@@ -128,22 +128,6 @@ def outcome(cfg: SearchConfig) -> SearchOutcome:
 def _new_tuner(
     cfg: SearchConfig, base: TrialConfig, space: SearchSpace, trainable: Any
 ) -> tune.Tuner:
-    sampler = optuna.samplers.TPESampler(
-        seed=cfg.seed,
-        multivariate=True,
-        constant_liar=True,
-        n_startup_trials=min(8, cfg.num_trials),
-    )
-    recipes = [flat for _, flat in space.recipes()] if cfg.recipes else None
-    searcher = OptunaSearch(
-        space=space.define_by_run,
-        sampler=sampler,
-        points_to_evaluate=recipes or None,
-        seed=cfg.seed,
-        # A define-by-run space refuses Tune's set_search_properties: metric and mode go here.
-        metric=cfg.metric,
-        mode=cfg.mode,
-    )
     scheduler = make_scheduler(
         cfg.scheduler,
         dataclasses.replace(cfg.pruning, window_steps=base.signals.window_steps),
@@ -152,6 +136,25 @@ def _new_tuner(
         max_t=base.epochs,
         grace_period=min(cfg.asha.grace_period, base.epochs),
         reduction_factor=cfg.asha.reduction_factor,
+        phase_grace=cfg.asha.phase_grace,
+    )
+    sampler = optuna.samplers.TPESampler(
+        seed=cfg.seed,
+        multivariate=True,
+        constant_liar=True,
+        n_startup_trials=min(8, cfg.num_trials),
+    )
+    recipes = [flat for _, flat in space.recipes()] if cfg.recipes else None
+    searcher = Searcher(
+        space=space.define_by_run,
+        sampler=sampler,
+        points_to_evaluate=recipes or None,
+        seed=cfg.seed,
+        # A define-by-run space refuses Tune's set_search_properties: metric and mode go here.
+        metric=cfg.metric,
+        mode=cfg.mode,
+        rule=scheduler.rule,
+        epochs=base.epochs,
     )
     recorder = StudyRecorder(
         cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler, epochs=base.epochs

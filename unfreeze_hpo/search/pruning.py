@@ -154,9 +154,13 @@ class SpikeAwareScheduler(TrialScheduler):
         *,
         metric: str | None = None,
         mode: str | None = None,
+        phase_grace: int = 0,
     ) -> None:
         super().__init__()
         self.rule = rule if rule is not None else SpikeRule()
+        # Epochs of its fine-tuning phase (phase_epochs) a trial runs before the wrapped
+        # scheduler may stop it: no rung judges a schedule whose backbone is still frozen.
+        self.phase_grace = phase_grace
         self.reasons: dict[str, str] = {}
         self._mode: str | None = None
         self._loaded_from: str | None = None
@@ -221,6 +225,12 @@ class SpikeAwareScheduler(TrialScheduler):
             return str(TrialScheduler.STOP)
         peeked = _rung_reason(self._base, trial, result)
         decision = self._base.on_trial_result(tune_controller, trial, result)
+        # Before its phase grace a trial's value is recorded at the rung (it sets the cutoff the
+        # others meet, as in plain ASHA), but a STOP for it is not given: it is judged at the
+        # next rung it reaches in its phase.
+        early = metric_value(result, "phase_epochs", math.inf) < self.phase_grace
+        if early and decision == TrialScheduler.STOP and not _reached_max_t(self._base, result):
+            return str(TrialScheduler.CONTINUE)
         if decision == TrialScheduler.STOP and not _reached_max_t(self._base, result):
             fallback = f"{_scheduler_name(self._base)}: early stopped at {_when(result)}"
             self._record(trial, peeked or fallback)
@@ -327,9 +337,10 @@ def make_scheduler(
     max_t: int,
     grace_period: int,
     reduction_factor: float,
+    phase_grace: int = 1,
 ) -> SpikeAwareScheduler:
     """The spike-aware scheduler over the registered scheduler ``kind`` (ASHA: rungs in
-    training iterations = epochs).
+    training iterations = epochs; no rung stops a trial before its ``phase_grace``).
 
     ``rule`` None uses SpikeRule's defaults. Bad values raise ConfigError (``pruning.<field>``).
     """
@@ -352,9 +363,14 @@ def make_scheduler(
             )
         except ConfigError as exc:
             problems += exc.problems
+    integer = isinstance(phase_grace, int) and not isinstance(phase_grace, bool)
+    if not integer or phase_grace < 0:
+        problems.append(
+            Problem("pruning.phase_grace", phase_grace, "must be an integer >= 0", "e.g. 1")
+        )
     if problems or base is None:
         raise ConfigError(problems)
-    scheduler = SpikeAwareScheduler(rule, base)
+    scheduler = SpikeAwareScheduler(rule, base, phase_grace=phase_grace)
     if scheduler.metric is None:  # a base without a metric of its own (FIFO): the rule's
         scheduler.set_search_properties(metric, mode)
     return scheduler

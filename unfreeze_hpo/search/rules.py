@@ -131,3 +131,9 @@ class AshaSettings:
 
     grace_period: int = param(4, ge=1, help="epochs before ASHA may stop a trial")
     reduction_factor: float = param(2.0, gt=1, help="ASHA's halving rate")
+    phase_grace: int = param(
+        1,
+        ge=0,
+        help="epochs of its fine-tuning phase (from its first unfreeze event) a trial runs "
+        "before a rung may stop it; until then its values count at the rungs; 0: plain ASHA",
+    )

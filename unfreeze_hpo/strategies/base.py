@@ -120,6 +120,25 @@ class Strategy(ABC):
         """Warnings about this strategy over a run of ``epochs`` (e.g. target never reached)."""
         return []
 
+    def phase_start(self, epochs: int, sizes: Sequence[int], first_event: int | None) -> int:
+        """The epoch this schedule's fine-tuning phase starts: from then on pruning may compare
+        it with other schedules at the same phase (epochs since their own start).
+
+        - A schedule whose plan follows only the epoch: its first planned unfreeze event, or
+          epoch 0 when none is planned (``full``, ``frozen``, a ``fixed`` plan from epoch 0:
+          what it trains at epoch 0 is what it trains throughout).
+        - A schedule whose plan follows the metric (``reads_history``): its first event
+          (``first_event``, the epoch it happened; None while none has) or half its epochs,
+          whichever comes first, so one that never unfreezes is judged from mid-run as what it
+          is, a linear probe.
+        """
+        if self.reads_history:
+            half = epochs // 2
+            return half if first_event is None else min(first_event, half)
+        start = self.n_trainable(0, (), sizes)
+        grows = (e for e in range(1, epochs) if self.n_trainable(e, (), sizes) > start)
+        return next(grows, 0)
+
     def plan(
         self,
         epoch: int,

@@ -20,6 +20,7 @@ from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.data import loading
 from unfreeze_hpo.errors import ConfigError, Problem, describe
 from unfreeze_hpo.faults import Injector
+from unfreeze_hpo.models import unwrap
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.train import checkpoints, drift, memory
 from unfreeze_hpo.train.step import StepValues, autocast, backward, optimizer_step
@@ -120,7 +121,16 @@ def _run(
         assert plan is not None
         event = bool(newly) and not first_plan  # blocks trainable from the start are no event
         if event:
-            monitor.on_unfreeze(epoch, state.step, newly)
+            opened = _opened(trial, newly)
+            trainable = sum(p.numel() for p in trial.model.parameters() if p.requires_grad)
+            added_trainable = sum(p.numel() for p in opened)
+            monitor.on_unfreeze(
+                epoch,
+                state.step,
+                newly,
+                prior_params=trainable - added_trainable,
+                new_params=added_trainable,
+            )
             added = sum(b.numel for b in trial.blocks.blocks if b.name in newly)
             log(
                 f"unfreeze event at epoch {epoch} (step {state.step}): {', '.join(newly)} "
@@ -165,6 +175,7 @@ def _run(
             "grad_norm": train["grad_norm"],
             "grad_norm_max": train["grad_norm_max"],
             "skipped_steps": train["skipped"],
+            "amp_skipped_steps": train["amp_skipped"],
             "skipped_total": float(state.skipped_total),
             "amp_skipped_total": float(state.amp_skipped_total),
             "peak_memory_mb": memory.peak_mb(trial.device),
@@ -174,6 +185,7 @@ def _run(
             "backbone_trainable_ratio": status.backbone_ratio,
             "unfrozen_blocks": float(plan.n_trainable),
             **_latest_event(trial.blocks, monitor),
+            "phase_epochs": _phase_epochs(cfg, sizes, monitor, epoch),
             "spike_window_steps": float(cfg.signals.window_steps),
             "epoch_seconds": time.perf_counter() - started,
             **{f"lr/{name}": lr for name, lr in unfreezer.freezer.lrs().items()},
@@ -218,6 +230,8 @@ def _train_epoch(
     epoch's last step takes what is left)."""
     cfg, device = trial.cfg, trial.device
     params = [p for p in trial.model.parameters() if p.requires_grad]
+    # The latest event's blocks, measured apart while its spike window is open.
+    opened = _opened(trial, monitor.events[-1].blocks) if monitor.events else []
     values = StepValues(cfg.max_nonfinite_steps, monitor, state, epoch, bar)
     accumulate = cfg.optimizer.accumulate_steps
     total = len(trial.loaders.train)
@@ -237,6 +251,7 @@ def _train_epoch(
         size = min(accumulate, total - (i - position))  # batches in this step
         if position == 0:
             trial.unfreezer.step()  # this step's LRs
+        new = opened if monitor.in_window(state.step) else ()
         try:
             if trial.faults and position == 0:
                 first_after_event = unfroze and state.step == event_step
@@ -244,7 +259,7 @@ def _train_epoch(
                 inputs = trial.faults.before_step(epoch, state.step, stage, params, inputs)
             batch_loss = backward(trial, inputs, labels, 1.0 / size)
             loss = batch_loss / size if position == 0 or loss is None else loss + batch_loss / size
-            outcome = optimizer_step(trial, loss, params) if position == size - 1 else None
+            outcome = optimizer_step(trial, loss, params, new) if position == size - 1 else None
         except RuntimeError as exc:
             if trial.faults:
                 trial.faults.after_step()
@@ -264,7 +279,7 @@ def _train_epoch(
             _make_contiguous(params)
             try:
                 loss = backward(trial, inputs, labels, 1.0 / size) / size
-                outcome = optimizer_step(trial, loss, params) if position == size - 1 else None
+                outcome = optimizer_step(trial, loss, params, new) if position == size - 1 else None
             except RuntimeError as again:
                 if _out_of_memory(again):
                     raise _oom(again, trial, monitor, epoch, state.step) from again
@@ -283,6 +298,13 @@ def _train_epoch(
             done = state.step - event_step
             bar.set_description_str(f"epoch {epoch} step {done}/{trial.steps_per_epoch}", False)
     return values.summary()
+
+
+def _opened(trial: Trial, blocks: Sequence[str]) -> list[nn.Parameter]:
+    """The trainable parameters of ``blocks``."""
+    named = dict(unwrap(trial.model).named_parameters())
+    chosen = [named[n] for b in trial.blocks.blocks if b.name in blocks for n in b.params]
+    return [p for p in chosen if p.requires_grad]
 
 
 def _progress_bar(trial: Trial, epoch: int) -> Any:
@@ -326,6 +348,16 @@ def _test_metrics(trial: Trial) -> dict[str, float]:
         return {}
     test_loss, test_acc = evaluate(trial, "test")
     return {"test_loss": test_loss, "test_acc": test_acc}
+
+
+def _phase_epochs(
+    cfg: TrialConfig, sizes: Sequence[int], monitor: SpikeMonitor, epoch: int
+) -> float:
+    """Epochs run in the schedule's fine-tuning phase, ``epoch`` included (0 before it starts):
+    the clock the rung schedulers judge trials by (``Strategy.phase_start``)."""
+    first = monitor.events[0].epoch if monitor.events else None
+    start = cfg.strategy.phase_start(cfg.epochs, sizes, first)
+    return float(max(0, epoch + 1 - start))
 
 
 def _latest_event(blocks: Blocks, monitor: SpikeMonitor) -> dict[str, float]:

@@ -1,6 +1,15 @@
 """One optimizer step, left on the device: ``backward`` (forward and a weighted backward of a
 batch), ``optimizer_step`` (unscale, clip, and a step a non-finite loss or gradient skips on the
-device), and ``StepValues``, which reads an epoch's step values ``READ_EVERY`` steps at a time."""
+device), and ``StepValues``, which reads an epoch's step values ``READ_EVERY`` steps at a time.
+
+Within an unfreeze event's spike window a step also measures the gradient norm of the
+parameters that were trainable before the event apart from that of the newly unfrozen ones, so
+the spike signals compare like with like (``signals.SpikeMonitor``).
+
+An fp16 overflow is the GradScaler at work: it skips the step and halves its scale. Such a step
+counts as non-finite (a spike step, a step towards divergence) only once the scale it leaves is
+below ``MIN_AMP_SCALE``: the gradients then overflow fp16 even unscaled.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +30,9 @@ from unfreeze_hpo.train.trial import LoopState, Trial, TrialFailed
 READ_EVERY = 32
 # What a step's skip code means (StepOutcome.skipped): 0, the step ran.
 SKIPPED: tuple[str | None, ...] = (None, "nonfinite_loss", "nonfinite_grad", "amp_overflow")
+# The GradScaler scale under which an fp16 overflow is a non-finite step, not the scaler at work
+# (from its initial 2**16, 17 overflows with no growth between them).
+MIN_AMP_SCALE = 1.0
 
 
 @dataclass
@@ -30,20 +42,44 @@ class StepOutcome:
     loss: torch.Tensor  # 0-d: mean over the step's batches
     grad_norm: torch.Tensor  # 0-d: before clipping
     skipped: torch.Tensor  # 0-d int: an index into SKIPPED, 0 when the step ran
+    # 0-d, before clipping, nan outside a spike window: the norm of the gradients of the
+    # parameters trainable before the latest event, and of those it unfroze.
+    prior_norm: torch.Tensor
+    new_norm: torch.Tensor
+    scale: torch.Tensor  # 0-d: the GradScaler's scale after the step (1 without fp16)
 
-    def read(self) -> tuple[float, float, str | None]:
+    def read(self) -> StepRead:
         """The values on the host (one transfer)."""
         return read_outcomes([self])[0]
 
 
-def read_outcomes(outcomes: Sequence[StepOutcome]) -> list[tuple[float, float, str | None]]:
-    """(loss, grad norm, skip reason) of each step, read from the device in one transfer."""
-    columns = [
-        torch.stack([getattr(o, name).float() for o in outcomes])
-        for name in ("loss", "grad_norm", "skipped")
-    ]
+class StepRead(NamedTuple):
+    """A step's values on the host."""
+
+    loss: float
+    grad_norm: float
+    skipped: str | None  # why the step was skipped; None: it ran
+    prior_norm: float
+    new_norm: float
+    scale: float
+
+    @property
+    def overflow(self) -> bool:
+        """An fp16 overflow the GradScaler skipped, its scale still above MIN_AMP_SCALE."""
+        return self.skipped == "amp_overflow" and self.scale >= MIN_AMP_SCALE
+
+
+FIELDS = ("loss", "grad_norm", "skipped", "prior_norm", "new_norm", "scale")
+
+
+def read_outcomes(outcomes: Sequence[StepOutcome]) -> list[StepRead]:
+    """Each step's values, read from the device in one transfer."""
+    columns = [torch.stack([getattr(o, name).float() for o in outcomes]) for name in FIELDS]
     rows = torch.stack(columns, dim=1).tolist()
-    return [(loss, norm, SKIPPED[int(code)]) for loss, norm, code in rows]
+    return [
+        StepRead(loss, norm, SKIPPED[int(code)], prior, new, scale)
+        for loss, norm, code, prior, new, scale in rows
+    ]
 
 
 def train_step(
@@ -69,11 +105,20 @@ def backward(
     return loss.detach()
 
 
-def optimizer_step(trial: Trial, loss: torch.Tensor, params: Sequence[nn.Parameter]) -> StepOutcome:
+def optimizer_step(
+    trial: Trial,
+    loss: torch.Tensor,
+    params: Sequence[nn.Parameter],
+    new: Sequence[nn.Parameter] = (),
+) -> StepOutcome:
     """Unscale, clip and step on the accumulated gradients; a non-finite loss or gradient
-    skips the step on the device. Nothing is read back and nothing is sanitised."""
+    skips the step on the device. Nothing is read back and nothing is sanitised.
+
+    ``new``: the parameters among ``params`` that the latest unfreeze event opened, given while
+    its spike window is open; their gradient norm and that of the others are measured apart."""
     optimizer, scaler = trial.optimizer, trial.scaler
     scaler.unscale_(optimizer)
+    prior_norm, new_norm = _split_norms(params, new, loss)
     clip = trial.cfg.optimizer.grad_clip or math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, clip) if params else loss.new_zeros(())
     loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(norm)
@@ -84,10 +129,33 @@ def optimizer_step(trial: Trial, loss: torch.Tensor, params: Sequence[nn.Paramet
     if scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
+        # The scale tensor itself (get_scale() would read it): updated in place on each step.
+        scale = scaler._get_scale_async().detach().clone()  # type: ignore[union-attr]
     else:
         _step_unless(optimizer, code != 0)
+        scale = loss.new_ones(())
     optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss, norm.detach(), code)
+    return StepOutcome(loss, norm.detach(), code, prior_norm, new_norm, scale)
+
+
+def _split_norms(
+    params: Sequence[nn.Parameter], new: Sequence[nn.Parameter], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient norms of ``params`` outside ``new`` and inside it (nan, nan without
+    ``new``), on the device; the total norm of the clip is computed as it always is."""
+    if not new:
+        missing = like.new_full((), math.nan)
+        return missing, missing
+    opened = {id(p) for p in new}
+    prior = [p.grad for p in params if p.grad is not None and id(p) not in opened]
+    newly = [p.grad for p in new if p.grad is not None]
+
+    def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+        if not tensors:
+            return like.new_zeros((), dtype=torch.float32)
+        return torch.nn.utils.get_total_norm(tensors).detach().float()
+
+    return norm(prior), norm(newly)
 
 
 def _step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -118,6 +186,7 @@ class StepValues:
         self.losses: list[float] = []
         self.norms: list[float] = []
         self.skipped = 0
+        self.amp_skipped = 0
 
     def add(self, outcome: StepOutcome) -> None:
         self.pending.append(outcome)
@@ -129,19 +198,31 @@ class StepValues:
             return
         pending, self.pending = self.pending, []
         state = self.state
-        for loss, norm, reason in read_outcomes(pending):  # the one read of these steps
+        for values in read_outcomes(pending):  # the one read of these steps
             step, self.next_step = self.next_step, self.next_step + 1
+            loss, norm, reason = values.loss, values.grad_norm, values.skipped
             # A step whose loss was already non-finite has no meaningful gradient norm.
-            self.monitor.update(step, loss, math.nan if reason == "nonfinite_loss" else norm)
+            self.monitor.update(
+                step,
+                loss,
+                math.nan if reason == "nonfinite_loss" else norm,
+                prior_norm=None if math.isnan(values.prior_norm) else values.prior_norm,
+                new_norm=None if math.isnan(values.new_norm) else values.new_norm,
+                overflow=values.overflow,
+            )
             if reason is None:
                 state.nonfinite_streak = 0
                 self.losses.append(loss)
                 self.norms.append(norm)
                 continue
             self.skipped += 1
-            state.nonfinite_streak += 1
             state.skipped_total += 1
-            state.amp_skipped_total += reason == "amp_overflow"
+            if reason == "amp_overflow":
+                self.amp_skipped += 1
+                state.amp_skipped_total += 1
+            if values.overflow:  # the GradScaler at work: no step towards divergence
+                continue
+            state.nonfinite_streak += 1
             if state.nonfinite_streak >= self.max_nonfinite:
                 raise TrialFailed(
                     "diverged",
@@ -160,6 +241,7 @@ class StepValues:
             "grad_norm": _mean(self.norms),
             "grad_norm_max": max(self.norms, default=0.0),
             "skipped": float(self.skipped),
+            "amp_skipped": float(self.amp_skipped),
             "steps_taken": float(len(self.losses)),
         }
 
