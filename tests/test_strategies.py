@@ -707,12 +707,14 @@ SIX = [10] * 6
         ("early_gradual", {"freeze_epochs": 3}, None, 3),
         ("early_gradual", {"freeze_epochs": 0, "blocks_per_epoch": 2}, None, 1),
         ("progressive", {"initial_freeze_epochs": 5}, None, 5),
-        ("adaptive", {}, None, 6),  # no event yet: half of its 12 epochs
+        ("progressive", {"initial_freeze_epochs": 30}, None, 30),  # past any run's epochs
+        ("adaptive", {}, None, 4),  # no event yet: twice its patience (2)
+        ("adaptive", {"patience": 3}, None, 6),
         ("adaptive", {}, 2, 2),  # its first event, when it comes before that
-        ("adaptive", {}, 9, 6),
+        ("adaptive", {}, 9, 4),
     ],
 )
 def test_phase_start(
     name: str, params: dict[str, Any], first_event: int | None, start: int
 ) -> None:
-    assert create(name, params).phase_start(12, SIX, first_event) == start
+    assert create(name, params).phase_start(SIX, first_event) == start

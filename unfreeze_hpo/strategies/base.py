@@ -19,6 +19,11 @@ from unfreeze_hpo.registry import Registry
 # Plans
 
 
+# Epochs ahead a plan is searched for its first unfreeze event (``Strategy.phase_start``): the
+# run's own epochs may change on a resume, so the search does not stop there.
+PLAN_HORIZON = 1000
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a strategy decides for one epoch: the trainable blocks and each block's LR scale."""
@@ -120,24 +125,32 @@ class Strategy(ABC):
         """Warnings about this strategy over a run of ``epochs`` (e.g. target never reached)."""
         return []
 
-    def phase_start(self, epochs: int, sizes: Sequence[int], first_event: int | None) -> int:
-        """The epoch this schedule's fine-tuning phase starts: from then on pruning may compare
-        it with other schedules at the same phase (epochs since their own start).
+    def phase_start(self, sizes: Sequence[int], first_event: int | None) -> int | None:
+        """The epoch this schedule's fine-tuning phase starts (None: not yet known to have):
+        from then on a rung may stop it (``--phase-grace``).
 
         - A schedule whose plan follows only the epoch: its first planned unfreeze event, or
           epoch 0 when none is planned (``full``, ``frozen``, a ``fixed`` plan from epoch 0:
           what it trains at epoch 0 is what it trains throughout).
         - A schedule whose plan follows the metric (``reads_history``): its first event
-          (``first_event``, the epoch it happened; None while none has) or half its epochs,
-          whichever comes first, so one that never unfreezes is judged from mid-run as what it
-          is, a linear probe.
-        """
+          (``first_event``, the epoch it happened; None while none has), or its
+          ``phase_deadline`` if that comes first, so one that never unfreezes is judged in the
+          end as what it is, a linear probe.
+
+        It depends on nothing a resume may change (not the run's epochs)."""
         if self.reads_history:
-            half = epochs // 2
-            return half if first_event is None else min(first_event, half)
+            deadline = self.phase_deadline()
+            if first_event is None:
+                return deadline
+            return first_event if deadline is None else min(first_event, deadline)
         start = self.n_trainable(0, (), sizes)
-        grows = (e for e in range(1, epochs) if self.n_trainable(e, (), sizes) > start)
+        grows = (e for e in range(1, PLAN_HORIZON) if self.n_trainable(e, (), sizes) > start)
         return next(grows, 0)
+
+    def phase_deadline(self) -> int | None:
+        """For a schedule that follows the metric: the latest epoch its phase starts, event or
+        not (None: only at its first event)."""
+        return None
 
     def plan(
         self,

@@ -73,6 +73,11 @@ class Adaptive(Strategy):
     def target(self, sizes: Sequence[int]) -> int:
         return blocks_for_ratio(sizes, self.target_ratio)
 
+    def phase_deadline(self) -> int:
+        # Twice its patience without an event: the head is still improving on a frozen
+        # backbone, and the trial is judged as that.
+        return 2 * self.patience
+
     def n_trainable(self, epoch: int, history: Sequence[float], sizes: Sequence[int]) -> int:
         sign = 1.0 if self.mode == "max" else -1.0
         best = -math.inf

@@ -356,8 +356,8 @@ def _phase_epochs(
     """Epochs run in the schedule's fine-tuning phase, ``epoch`` included (0 before it starts):
     the clock the rung schedulers judge trials by (``Strategy.phase_start``)."""
     first = monitor.events[0].epoch if monitor.events else None
-    start = cfg.strategy.phase_start(cfg.epochs, sizes, first)
-    return float(max(0, epoch + 1 - start))
+    start = cfg.strategy.phase_start(sizes, first)
+    return 0.0 if start is None else float(max(0, epoch + 1 - start))
 
 
 def _latest_event(blocks: Blocks, monitor: SpikeMonitor) -> dict[str, float]:
