@@ -124,7 +124,7 @@ def test_the_recorded_curves_hold_late_unfreezers_and_their_phase_clock() -> Non
         if firsts and firsts[0] >= 4:
             late.append(trial)
             if trial["params"]["strategy"] == "adaptive":
-                continue  # its phase starts at half its epochs at the latest
+                continue  # its phase starts at twice its patience at the latest
             start = int(firsts[0])
             assert columns["phase_epochs"][:start] == [0.0] * start
             assert columns["phase_epochs"][start] == 1.0
