@@ -170,6 +170,33 @@ def test_loaders_are_built_once_and_workers_default_to_the_trials_cpus_minus_one
     assert loading.default_workers() == max(0, loading.available_cpus() - 1)
 
 
+def test_a_loader_for_cuda_pins_memory_and_keeps_its_workers_with_their_prefetch() -> None:
+    # Built, not iterated: no GPU is needed to see the options a CUDA trial's loader gets.
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 3), torch.zeros(8, dtype=torch.long))
+
+    def build(device: str, workers: int) -> Any:
+        return loading.loader(
+            data,
+            batch_size=4,
+            seed=0,
+            shuffle=True,
+            workers=workers,
+            device=torch.device(device),
+            prefetch_factor=3,
+        )
+
+    cuda = build("cuda", 2)
+    assert (cuda.pin_memory, cuda.persistent_workers, cuda.prefetch_factor) == (True, True, 3)
+    cpu = build("cpu", 2)
+    assert (cpu.pin_memory, cpu.persistent_workers) == (False, True)
+    alone = build("cuda", 0)  # no workers: nothing to keep or prefetch
+    assert (alone.pin_memory, alone.persistent_workers, alone.prefetch_factor) == (
+        True,
+        False,
+        None,
+    )
+
+
 # --- 2. a step without host syncs ------------------------------------------------------------
 
 # Every way a tensor's value reaches Python. (``.to("cpu")`` is one too on an accelerator; on
