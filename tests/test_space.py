@@ -14,6 +14,7 @@ from unfreeze_hpo import strategies
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.search.space import (
+    RECIPES,
     SPACES_DIR,
     SearchSpace,
     default_space,
@@ -489,6 +490,32 @@ def test_recipes_outside_the_space_are_dropped() -> None:
     assert names({}, ["full", "frozen"]) == ["linear probe", "full fine-tuning"]
     step = {"type": "float", "low": 0.0, "high": 0.008, "step": 0.004}
     assert names({"adaptive": {"min_improvement": step}}, ["adaptive"]) == []  # off the grid
+
+
+def test_a_recipe_the_space_cannot_produce_is_reported_with_the_reason() -> None:
+    def unfit(per: dict[str, Any], chosen: list[str]) -> list[tuple[str, str]]:
+        return space_from_dict({"strategy": chosen, "strategies": per}).unfit_recipes()
+
+    late = {"early_gradual": {"freeze_epochs": {"type": "int", "low": 2, "high": 3}}}
+    assert unfit(late, ["early_gradual"]) == [
+        ("early_gradual 1/1/0.5", "early_gradual.freeze_epochs 1 is outside the space's 2..3")
+    ]
+    fixed = {"early_gradual": {"freeze_epochs": 2}}
+    assert unfit(fixed, ["early_gradual"]) == [
+        ("early_gradual 1/1/0.5", "early_gradual.freeze_epochs 1: the space fixes 2")
+    ]
+    (gentle, why), (slow, _) = unfit({}, ["progressive"])
+    assert (gentle, slow) == ("gentle finetune", "slow burn")
+    assert why == (
+        "progressive.initial_freeze_epochs 5: the space leaves it at the strategy's default, 10"
+    )
+    assert unfit({}, ["full", "frozen"]) == []  # every recipe of theirs fits
+    for path in SHIPPED:  # every recipe of a shipped space's strategies is tried or reported
+        space = load_space(path)
+        tried = [title for title, _ in space.recipes()]
+        reported = [title for title, _ in space.unfit_recipes()]
+        mine = [title for title, name, _ in RECIPES if name in space.strategies]
+        assert sorted(tried + reported) == sorted(mine), path.name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         log(f"resuming the search in {cfg.location}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
+        for title, why in space.unfit_recipes() if cfg.recipes else ():
+            log(f"recipe {title!r} not tried: {why}")
         tuner = _new_tuner(cfg, base, space, trainable)
         if cfg.trackers:
             log(f"trackers: {', '.join(cfg.trackers)}, under {_tracker_folder(cfg)}")

@@ -138,25 +138,40 @@ class SearchSpace:
         so Optuna samples them."""
         out = []
         for title, name, values in RECIPES:
-            point = self._recipe_point(name, values) if name in self.strategies else None
+            point, _ = self._recipe_point(name, values) if name in self.strategies else (None, "")
             if point is not None:
                 out.append((title, point))
         return out
 
-    def _recipe_point(self, name: str, values: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The recipe as a point of this space, or None where the space cannot produce it."""
+    def unfit_recipes(self) -> list[tuple[str, str]]:
+        """(title, why) of each recipe whose strategy this space has but whose values it cannot
+        produce: what a search says it leaves out, instead of dropping it silently."""
+        out = []
+        for title, name, values in RECIPES:
+            if name in self.strategies:
+                point, why = self._recipe_point(name, values)
+                if point is None:
+                    out.append((title, why))
+        return out
+
+    def _recipe_point(
+        self, name: str, values: Mapping[str, Any]
+    ) -> tuple[dict[str, Any] | None, str]:
+        """The recipe as a point of this space, or None and why the space cannot produce it."""
         specs = self.per_strategy.get(name, {})
         defaults = strategies.REGISTRY[name]().params()
         point: dict[str, Any] = {"strategy": name}
         for param, value in values.items():
+            key = f"{name}.{param}"
             spec = specs.get(param, defaults[param])
             if isinstance(spec, BaseDistribution):
                 if not contains(spec, value):
-                    return None
-                point[f"{name}.{param}"] = value
+                    return None, f"{key} {value!r} is outside the space's {_range(spec)}"
+                point[key] = value
             elif spec != value:  # fixed by the space, or left at the strategy's default
-                return None
-        return point
+                how = "fixes" if param in specs else "leaves it at the strategy's default,"
+                return None, f"{key} {value!r}: the space {how} {spec!r}"
+        return point, ""
 
     def check_blocks(self, n_blocks: int) -> list[Problem]:
         """Fixed strategy parameters that name more blocks than the model's ``n_blocks``."""
@@ -174,6 +189,16 @@ class SearchSpace:
         """One strategy's parameters then the common fields, under their flat names."""
         params = {f"{name}.{k}": v for k, v in self.per_strategy.get(name, {}).items()}
         return {**params, **self.common}
+
+
+def _range(spec: BaseDistribution) -> str:
+    """A distribution in words: its choices, or its bounds and step."""
+    if isinstance(spec, optuna.distributions.CategoricalDistribution):
+        return f"choices {list(spec.choices)}"
+    low, high = getattr(spec, "low", None), getattr(spec, "high", None)
+    step = getattr(spec, "step", None)
+    plain = step is None or (isinstance(spec, optuna.distributions.IntDistribution) and step == 1)
+    return f"{low}..{high}" + ("" if plain else f" in steps of {step}")
 
 
 def load_space(path: str | Path) -> SearchSpace:
