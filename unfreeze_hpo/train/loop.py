@@ -354,7 +354,7 @@ def _phase_epochs(
     cfg: TrialConfig, sizes: Sequence[int], monitor: SpikeMonitor, epoch: int
 ) -> float:
     """Epochs run in the schedule's fine-tuning phase, ``epoch`` included (0 before it starts):
-    the clock the rung schedulers judge trials by (``Strategy.phase_start``)."""
+    what ``--phase-grace`` reads before a rung may stop the trial (``Strategy.phase_start``)."""
     first = monitor.events[0].epoch if monitor.events else None
     start = cfg.strategy.phase_start(sizes, first)
     return 0.0 if start is None else float(max(0, epoch + 1 - start))

@@ -65,7 +65,7 @@ class StepRead(NamedTuple):
 
     @property
     def overflow(self) -> bool:
-        """An fp16 overflow the GradScaler skipped, its scale still above MIN_AMP_SCALE."""
+        """An fp16 overflow the GradScaler skipped, its scale still at or above MIN_AMP_SCALE."""
         return self.skipped == "amp_overflow" and self.scale >= MIN_AMP_SCALE
 
 
