@@ -229,6 +229,15 @@ def test_a_metric_the_trials_never_report_is_refused_with_the_list(
     assert "test_acc" not in problem  # the test split is reported, never selected on
 
 
+def test_an_unknown_objective_or_a_k_below_1_is_refused(
+    capsys: pytest.CaptureFixture[str], cwd: Path
+) -> None:
+    _, lines = search_refuses(capsys, cwd, "strategy: full\n", "--objective", "mean")
+    the_problem(lines, "--objective: unknown value (got 'mean')", "last_k_mean, final, best")
+    _, lines = search_refuses(capsys, cwd, "strategy: full\n", "--objective-k", "0")
+    the_problem(lines, "--objective-k", "got 0")
+
+
 def test_the_metric_names_are_the_ones_a_trial_reports(tmp_path: Path) -> None:
     cfg = config.from_dict(
         {

@@ -154,13 +154,13 @@ def test_trials_and_best_read_the_recorded_storage(
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"search pgdemo: {NUM_TRIALS} trials")
-    numbers = [line.split()[0] for line in lines[2:]]  # after the summary and column names
+    numbers = [line.split()[0] for line in lines[3:]]  # after the summary and column names
     assert numbers == [str(n) for n in range(NUM_TRIALS)], out
 
     code, out, err = run(capsys, "best", str(searched.folder))
     assert code == 0, err
-    assert out.startswith("search pgdemo: best completed trials by best_val_acc")
-    assert len(out.splitlines()) == 3, out  # summary, column names, the best trial
+    assert out.startswith("search pgdemo: best completed trials by last3_mean_val_acc")
+    assert len(out.splitlines()) == 4, out  # summary (two lines), column names, the best trial
 
 
 def missing_database(searched: SimpleNamespace) -> str:

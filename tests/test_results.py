@@ -20,11 +20,12 @@ import yaml
 from nothing_lost import assert_nothing_lost
 from support import SPIKY_SPACE, TINY_BASE, run, write
 
-from unfreeze_hpo import config, results, train, yamlfile
+from unfreeze_hpo import config, results, train, trialdir, yamlfile
 from unfreeze_hpo.results import export, listing
 from unfreeze_hpo.search import inputs
 from unfreeze_hpo.search.driver import run_search
 from unfreeze_hpo.search.inputs import load_inputs
+from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search.rules import SpikeRule
 from unfreeze_hpo.search.space import load_space
@@ -33,6 +34,7 @@ State = optuna.trial.TrialState
 
 FAIL_REASON = "TrialFailed: diverged at epoch 0, step 3: 2 consecutive steps with non-finite loss"
 HYPERPARAMETERS = ["optimizer.backbone_lr_mult", "early_gradual.target_ratio"]
+KEY = Objective().key  # the default objective's: the mean of val_acc over the last 3 epochs
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,8 @@ def searched(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Sim
         scheduler="fifo",
         pruning=SpikeRule(max_loss_ratio=1.3),
         preflight=False,
+        reseed_top=1,  # the best config once more, with seed 1
+        reseed_seeds=1,
     )
     run_search(cfg, log=lambda _: None)
     study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
@@ -104,7 +108,8 @@ def test_open_search_reads_back_what_the_search_ran_with(
 ) -> None:
     assert (searched.folder / inputs.SEARCH_FILE).is_file()
     assert search.name == "tiny"
-    assert (search.metric, search.mode) == ("best_val_acc", "max")
+    assert (search.metric, search.mode) == ("last3_mean_val_acc", "max")
+    assert search.study.user_attrs["objective"]["describe"] == search.objective.describe()
     assert search.base == config.from_dict(yamlfile.parse_yaml(TINY_BASE)[0])
     original = load_space(searched.space_file)
     assert search.space.strategies == original.strategies
@@ -166,7 +171,7 @@ def test_trials_table_has_one_row_per_trial_with_state_params_metrics_and_reason
             assert pd.isna(row["value"]) and pd.isna(row["epochs"])
         else:
             assert row["value"] == t.value
-            assert row["final"] == final["best_val_acc"]
+            assert row["final"] == final["val_acc"]  # the metric the objective is made of
             assert row["epochs"] == final["epoch"] + 1
             assert row["trainable_ratio"] == final["backbone_trainable_ratio"]
             assert row["worst_spike"] == final["spike_worst_loss_ratio"]
@@ -191,8 +196,8 @@ def test_trials_of_ray_not_yet_in_the_study_are_running(
     params = {"strategy": "fixed", "optimizer.backbone_lr_mult": 2.0, "optimizer.lr": 0.03}
     write(trial_dir / "params.json", json.dumps(params))
     reports = [
-        {"trial_id": "0badf00d", "epoch": 0.0, "best_val_acc": 0.25, "spike_worst_loss_ratio": 1.0},
-        {"trial_id": "0badf00d", "epoch": 1.0, "best_val_acc": 0.5, "spike_worst_loss_ratio": 1.2},
+        {"trial_id": "0badf00d", "epoch": 0.0, KEY: 0.25, "spike_worst_loss_ratio": 1.0},
+        {"trial_id": "0badf00d", "epoch": 1.0, KEY: 0.5, "spike_worst_loss_ratio": 1.2},
     ]
     lines = [json.dumps(r) for r in reports]
     write(trial_dir / "result.json", "\n".join(lines) + '\n{"trial_id": "0badf')  # mid-write
@@ -217,7 +222,7 @@ def test_trials_command_filters_sorts_and_formats(
     assert code == 0
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 120  # fits a terminal
-    header = lines[1].split()
+    header = lines[2].split()
     assert header[:3] == ["number", "state", "strategy"]
     assert {"backbone_lr_mult", "target_ratio", "value", "reason"} <= set(header)  # short names
     assert "early_gradual.target_ratio" not in header
@@ -231,7 +236,7 @@ def test_trials_command_filters_sorts_and_formats(
 
     code, out, _ = run(capsys, "trials", folder, "--columns", "number,early_gradual.target_ratio")
     assert code == 0
-    assert out.splitlines()[1].split() == ["number", "target_ratio"]
+    assert out.splitlines()[2].split() == ["number", "target_ratio"]
     code, _, err = run(capsys, "best", folder, "--columns", "number,nope", "--format", "csv")
     assert code == 2 and "--columns: " in err and "number,nope" in err and "target_ratio" in err
 
@@ -297,12 +302,80 @@ def test_best_trials_against_the_study(searched: SimpleNamespace, search: result
 def test_best_command(searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "best", str(searched.folder), "--top", "2", "--by", "strategy")
     assert code == 0
-    assert "best completed trials by best_val_acc" in out
+    assert "best completed trials by last3_mean_val_acc" in out
+    assert "value: the mean of val_acc over the last 3 epochs" in out
     assert "early_gradual" in out
     code, _, err = run(capsys, "best", str(searched.folder), "--top", "0", "--by", "strat")
     assert code == 2 and "--top" in err
     code, _, err = run(capsys, "best", str(searched.folder), "--by", "strat")
     assert code == 2 and "--by: unknown grouping" in err
+
+
+def test_the_best_config_is_re_run_with_a_new_seed_in_a_study_of_its_own(
+    searched: SimpleNamespace, search: results.Search
+) -> None:
+    best = best_complete(searched)
+    reruns = optuna.load_study(study_name="tiny-seeds", storage=searched.cfg.study_url)
+    (rerun,) = reruns.get_trials()
+    assert rerun.state == State.COMPLETE
+    assert rerun.user_attrs["config"] == {
+        **best.user_attrs["config"],
+        "seed": 1,
+        "reseed_of": best.number,
+    }
+    assert rerun.params == best.params
+    # The search's own study keeps one seed per config: what its sampler learned from.
+    assert all("reseed_of" not in t.user_attrs["config"] for t in trials_of(searched))
+    (top,) = listing.best_trials(search).to_dict(orient="records")
+    assert (top["number"], top["seeds"]) == (best.number, 2)
+    assert top["seed_mean"] == pytest.approx((best.value + rerun.value) / 2)
+    assert top["seed_sd"] == pytest.approx(abs(best.value - rerun.value) / 2**0.5)
+    # val_se: one reading's sampling error on the 32 validation samples of the tiny data.
+    p = top["seed_mean"]
+    assert top["val_se"] == pytest.approx((p * (1 - p) / 32) ** 0.5)
+    assert top["train_sd"] == pytest.approx(
+        max(0.0, top["seed_sd"] ** 2 - top["val_se"] ** 2) ** 0.5
+    )
+
+
+def test_the_winner_is_the_config_with_the_best_mean_over_its_seeds(
+    tmp_path: Path, searched: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in (inputs.SEARCH_FILE, STUDY_FILE):
+        shutil.copy(searched.folder / name, copy)
+    url = f"sqlite:///{copy / STUDY_FILE}"
+    # The second-best config re-run with two seeds that both beat the best one's single reading.
+    complete = sorted(
+        (t for t in trials_of(searched) if t.state == State.COMPLETE), key=lambda t: -t.value
+    )
+    first, second = complete[0], complete[1]
+    reruns = optuna.load_study(study_name="tiny-seeds", storage=url)
+    for seed in (1, 2):
+        reruns.add_trial(
+            optuna.trial.create_trial(
+                value=first.value + 1.0,
+                user_attrs={
+                    "config": {
+                        **second.user_attrs["config"],
+                        "seed": seed,
+                        "reseed_of": second.number,
+                    }
+                },
+            )
+        )
+    opened = results.open_search(copy)
+    table = listing.best_trials(opened, top=2)
+    assert int(table["number"].iloc[0]) == second.number
+    assert table["seeds"].iloc[0] == 3
+    code, out, err = run(capsys, "best", str(copy), "--top", "2")
+    assert code == 0, err
+    assert "re-run configs first, by seed_mean over their seeds" in out
+    out_file = tmp_path / "winner.yaml"
+    code, out, err = run(capsys, "export", str(copy), "--out", str(out_file))
+    assert code == 0, err
+    assert config.load(out_file).provenance["trial"] == second.number
 
 
 def test_a_search_without_completed_trials_has_no_best_and_no_export(
@@ -345,7 +418,8 @@ def test_export_then_replay_reproduces_the_trials_final_metric(
     assert record["search"] == str(searched.folder)
     assert (record["study"], record["trial"], record["state"]) == ("tiny", best.number, "complete")
     assert record["ray_trial_id"] == best.user_attrs["ray_trial_id"]
-    assert (record["metric"], record["value"]) == ("best_val_acc", best.value)
+    assert (record["metric"], record["value"]) == ("last3_mean_val_acc", best.value)
+    assert record["objective"] == "the mean of val_acc over the last 3 epochs"
     assert record["final"]["val_acc"] == best.user_attrs["final"]["val_acc"]
     # The realized timeline, each event naming the blocks it opened (last blocks first to open).
     timeline = best.user_attrs["timeline"]
@@ -361,7 +435,8 @@ def test_export_then_replay_reproduces_the_trials_final_metric(
     for metric in ("best_val_acc", "val_acc", "val_loss", "train_loss"):
         # Exact: CPU, one thread, the epoch order a pure function of (seed, epoch).
         assert summary.final[metric] == recorded[metric], metric
-    assert summary.best_val_acc == best.value
+    replayed = [row["val_acc"] for row in trialdir.read_rows(Path(summary.output_dir))]
+    assert Objective().value(replayed) == best.value
     assert [(e["epoch"], e["n_trainable"]) for e in summary.timeline] == [
         (e["epoch"], e["n_trainable"]) for e in timeline
     ]
@@ -381,6 +456,7 @@ def test_the_test_split_is_shown_beside_the_objective_where_trials_measured_it(
     shutil.copytree(searched.folder, folder)
     search = results.open_search(folder)
     assert str(folder) in search.study_url  # the copy's own study: the fixture's stays as it is
+    optuna.delete_study(study_name="tiny-seeds", storage=search.study_url)  # rank by value alone
     study = search.study
     best = best_complete(searched)
     final = {**best.user_attrs["final"], "test_acc_at_best": 0.6125}

@@ -41,6 +41,7 @@ from support import run as run_cli
 
 from unfreeze_hpo.cli import main
 from unfreeze_hpo.search.driver import PreflightFailed, run_search
+from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig
 from unfreeze_hpo.search.recorder import StudyRecorder, checkpointed_history
 from unfreeze_hpo.search.rules import SpikeRule
@@ -175,12 +176,14 @@ def test_rerun_after_sigkill_resumes_to_exactly_the_requested_trials(
 # No Ray needed
 
 UNIT_CONFIG = {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0, "optimizer.lr": 3e-2}
+OBJECTIVE = Objective()  # the default: the mean of val_acc over the last 3 epochs
+KEY = OBJECTIVE.key
 
 
 def unit_recorder(tmp_path: Path, name: str, space: Path) -> tuple[str, StudyRecorder]:
     """A study recorder on a fresh SQLite study, fed by hand (no Ray); the study's URL."""
     url = f"sqlite:///{tmp_path / STUDY_FILE}"
-    recorder = StudyRecorder(url, name, "best_val_acc", "max", load_space(space), SimpleNamespace())
+    recorder = StudyRecorder(url, name, OBJECTIVE, load_space(space), SimpleNamespace())
     recorder.setup()
     return url, recorder
 
@@ -200,10 +203,10 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
             trial_id=trial_id,
             config=UNIT_CONFIG,
             status="TERMINATED",
-            last_result={"best_val_acc": 0.5, "training_iteration": 1},
+            last_result={KEY: 0.5, "training_iteration": 1},
             run_metadata=SimpleNamespace(start_time=started, last_result_time=last_result),
         )
-        recorder.on_trial_result(1, [], trial, {"best_val_acc": 0.5, "training_iteration": 1})
+        recorder.on_trial_result(1, [], trial, {KEY: 0.5, "training_iteration": 1})
         if trial_id == "here":  # ended in this driver: its end is when Ray said so
             recorder.on_trial_complete(1, [], trial)
             ended = time.time()
@@ -212,7 +215,15 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
             recorder.on_experiment_end([trial])
 
     study = optuna.load_study(study_name="spans", storage=url)
-    assert study.metric_names == ["best_val_acc"]
+    assert study.metric_names == ["last3_mean_val_acc"]
+    assert study.user_attrs["objective"] == {
+        "metric": "val_acc",
+        "kind": "last_k_mean",
+        "k": 3,
+        "mode": "max",
+        "key": "last3_mean_val_acc",
+        "describe": "the mean of val_acc over the last 3 epochs",
+    }
     by_id = {t.user_attrs["ray_trial_id"]: t for t in study.get_trials()}
     here, before = by_id["here"], by_id["before"]
     assert here.datetime_start is not None and before.datetime_start is not None
@@ -224,7 +235,7 @@ def test_recorded_trials_keep_their_time_span_and_the_study_its_metric_name(
     # optuna-dashboard's own API, served in-process by its WSGI app.
     (summary,) = dashboard_json(url, "/api/studies")["study_summaries"]
     detail = dashboard_json(url, f"/api/studies/{summary['study_id']}")
-    assert detail["objective_names"] == ["best_val_acc"]
+    assert detail["objective_names"] == ["last3_mean_val_acc"]
     durations = {
         t["number"]: (
             datetime.datetime.fromisoformat(t["datetime_complete"])
@@ -269,17 +280,17 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
     url = f"sqlite:///{tmp_path / STUDY_FILE}"
     space = load_space(spiky_space_file)
     scheduler = SimpleNamespace(reasons={"t1": "loss x9 over baseline after unfreezing block 0"})
-    recorder = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
+    recorder = StudyRecorder(url, "unit", OBJECTIVE, space, scheduler)
     recorder.setup()
     trial = SimpleNamespace(
         trial_id="t1",
         config=UNIT_CONFIG,
-        last_result={"best_val_acc": 0.5, "training_iteration": 3, "val_loss": math.nan},
+        last_result={KEY: 0.5, "training_iteration": 3, "val_loss": math.nan},
         local_path=str(tmp_path / "t1"),
     )
     for iteration, acc, unfrozen in ((1, 0.25, 0), (2, 0.5, 2), (2, 0.5, 2), (3, 0.375, 5)):
         result = {
-            "best_val_acc": acc,
+            KEY: acc,
             "training_iteration": iteration,
             "epoch": iteration - 1,
             "unfrozen_blocks": unfrozen,
@@ -290,21 +301,21 @@ def test_recorder_writes_a_trial_once_per_ray_trial_id(
     recorder._record(trial, State.COMPLETE, None)
     recorder.on_trial_error(3, [], trial)
 
-    again = StudyRecorder(url, "unit", "best_val_acc", "max", space, scheduler)
+    again = StudyRecorder(url, "unit", OBJECTIVE, space, scheduler)
     again.on_trial_complete(3, [], trial)
     restored = pickle.loads(pickle.dumps(recorder))  # as in the snapshot a restore reads
     assert restored._opened is None  # the open study never travels in the snapshot
     restored.on_trial_complete(3, [], trial)
     (only,) = optuna.load_study(study_name="unit", storage=url).get_trials()
     assert only.state == State.PRUNED
-    assert only.value == 0.5
+    assert only.value == 0.375  # the objective as it stood at the last epoch, not its best
     assert only.intermediate_values == {1: 0.25, 2: 0.5, 3: 0.375}
     assert only.params == {"strategy": "fixed", "optimizer.backbone_lr_mult": 3.0}
     assert only.user_attrs["ray_trial_id"] == "t1"
     assert only.user_attrs["reason"] == scheduler.reasons["t1"]
     assert only.user_attrs["config"] == UNIT_CONFIG
     assert only.user_attrs["final"] == {
-        "best_val_acc": 0.375,
+        KEY: 0.375,
         "training_iteration": 3,
         "epoch": 2,
         "unfrozen_blocks": 5,
@@ -322,9 +333,9 @@ def test_recorder_after_a_driver_restart_takes_the_early_epochs_from_the_checkpo
     # The trial's last checkpoint carries metrics.jsonl with all three, as the trainable writes it.
     url = f"sqlite:///{tmp_path / STUDY_FILE}"
     rows = [
-        {"epoch": 0, "best_val_acc": 0.25, "unfrozen_blocks": 1},
-        {"epoch": 1, "best_val_acc": 0.5, "unfrozen_blocks": 3},
-        {"epoch": 2, "best_val_acc": 0.375, "unfrozen_blocks": 3},
+        {"epoch": 0, "val_acc": 0.25, "unfrozen_blocks": 1},
+        {"epoch": 1, "val_acc": 0.5, "unfrozen_blocks": 3},
+        {"epoch": 2, "val_acc": 0.375, "unfrozen_blocks": 3},
     ]
     folder = tmp_path / "checkpoint"
     folder.mkdir()
@@ -337,16 +348,15 @@ def test_recorder_after_a_driver_restart_takes_the_early_epochs_from_the_checkpo
         local_path=str(tmp_path / "t1"),
     )
     scheduler = SimpleNamespace(reasons={})
-    restarted = StudyRecorder(
-        url, "unit", "best_val_acc", "max", load_space(spiky_space_file), scheduler
-    )
-    for row in rows[1:]:
-        result = {**row, "training_iteration": row["epoch"] + 1}
+    restarted = StudyRecorder(url, "unit", OBJECTIVE, load_space(spiky_space_file), scheduler)
+    for row, objective in zip(rows[1:], (0.375, 0.375), strict=True):  # as the trainable adds it
+        result = {**row, KEY: objective, "training_iteration": row["epoch"] + 1}
         restarted.on_trial_result(result["training_iteration"], [], trial, result)
     restarted.on_trial_complete(3, [], trial)
     (only,) = optuna.load_study(study_name="unit", storage=url).get_trials()
-    assert only.intermediate_values == {1: 0.25, 2: 0.5, 3: 0.375}
-    assert only.value == 0.5
+    # Epoch 0's objective rebuilt from the checkpointed val_acc, as the trial computed it.
+    assert only.intermediate_values == {1: 0.25, 2: 0.375, 3: 0.375}
+    assert only.value == 0.375
     assert only.user_attrs["timeline"] == [
         {"epoch": 0, "n_trainable": 1},
         {"epoch": 1, "n_trainable": 3},
@@ -539,7 +549,8 @@ def test_aggressive_schedules_are_pruned_for_spikes_gentle_ones_complete(
         assert "after unfreezing block" in t.user_attrs["reason"]
         assert t.user_attrs["reason"].startswith("loss x")
         assert t.intermediate_values
-        assert t.value == max(t.intermediate_values.values())
+        # Its objective as it stood when the trial was stopped.
+        assert t.value == t.intermediate_values[max(t.intermediate_values)]
     for t in gentle:
         assert t.state == State.COMPLETE, t.user_attrs
         assert t.value is not None and math.isfinite(t.value)
@@ -653,7 +664,7 @@ def test_a_nan_metric_fails_the_trial_instead_of_leaving_it_running(
         assert not t.intermediate_values
     for t in others:
         assert t.state == State.COMPLETE
-        assert t.value == min(t.intermediate_values.values())
+        assert t.value == t.intermediate_values[max(t.intermediate_values)]
     assert f"{len(blowups)} fail" in nan_search.out
     assert "best trial" in nan_search.out
 

@@ -13,8 +13,9 @@ import pytest
 from unfreeze_hpo import strategies
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
+from unfreeze_hpo.search import recipes
+from unfreeze_hpo.search.recipes import RECIPES
 from unfreeze_hpo.search.space import (
-    RECIPES,
     SPACES_DIR,
     SearchSpace,
     default_space,
@@ -35,7 +36,9 @@ CARD = {
     "optimizer.backbone_lr_mult",
     "optimizer.unfreeze_warmup_steps",
     "optimizer.weight_decay",
+    "optimizer.layer_decay",
 }
+FIELD = ["fastai fine_tune", "ULMFiT", "LP-FT"]
 EXPECTED_RECIPES = {
     "all.yaml": [
         "early_gradual 1/1/0.5",
@@ -43,8 +46,9 @@ EXPECTED_RECIPES = {
         "gentle finetune",
         "linear probe",
         "full fine-tuning",
+        *FIELD,
     ],
-    "early_gradual.yaml": ["early_gradual 1/1/0.5"],
+    "early_gradual.yaml": ["early_gradual 1/1/0.5", *FIELD],
     "adaptive.yaml": ["adaptive 2/0.005"],
     "progressive.yaml": ["gentle finetune"],
     "fixed_and_baselines.yaml": ["linear probe", "full fine-tuning"],
@@ -75,7 +79,7 @@ def test_shipped_file_loads_and_says_how_to_run_it(path: Path) -> None:
     header = path.read_text().split("\n\n")[0]
     assert header.startswith("#")
     assert f"unfreeze-hpo search --space search_spaces/{path.name}" in header
-    assert [name for name, _ in space.recipes()] == EXPECTED_RECIPES[path.name]
+    assert [name for name, _ in recipes.tried(space)] == EXPECTED_RECIPES[path.name]
 
 
 def test_all_covers_every_strategy_and_the_card() -> None:
@@ -442,45 +446,72 @@ def test_recipes_lie_inside_the_space() -> None:
     for path in SHIPPED:
         space = load_space(path)
         dists = space.distributions()
-        for name, flat in space.recipes():
+        for name, flat in recipes.tried(space):
             assert flat["strategy"] in space.strategies, name
             for key, value in flat.items():
                 if key == "strategy" and key not in dists:
                     continue
                 assert in_range(dists[key], value), (path.name, name, key, value)
-            assert not set(flat) & set(space.common)
             space.trial_config(TrialConfig(), flat)  # every recipe builds
 
 
-def test_recipe_values_are_the_field_notes() -> None:
-    recipes = dict(default_space().recipes())
-    assert recipes["early_gradual 1/1/0.5"] == {
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.title)
+def test_every_recipe_fits_every_shipped_space_it_is_meant_for(recipe: recipes.Recipe) -> None:
+    assert set(recipe.spaces) <= {p.name for p in SHIPPED}, "a shipped space's name"
+    for name in recipe.spaces:
+        fit = recipes.fit(recipe, load_space(SPACES_DIR / name))
+        assert fit.point is not None, (name, fit.notes)
+        # Its optimizer fields are in the point; only "every block" may be clipped to the range.
+        assert set(recipe.optimizer) <= set(fit.point), (name, fit.notes)
+        assert all("clipped to" in note for note in fit.notes), (name, fit.notes)
+
+
+def test_recipe_values_are_the_field_notes_and_the_fields() -> None:
+    tried = dict(recipes.tried(default_space()))
+    assert tried["early_gradual 1/1/0.5"] == {
         "strategy": "early_gradual",
         "early_gradual.freeze_epochs": 1,
         "early_gradual.blocks_per_epoch": 1,
         "early_gradual.target_ratio": 0.5,
+        "optimizer.backbone_lr_mult": 0.1,  # "10x smaller than the head LR"
     }
-    assert recipes["adaptive 2/0.005"] == {
+    assert tried["adaptive 2/0.005"] == {
         "strategy": "adaptive",
         "adaptive.patience": 2,
         "adaptive.min_improvement": 0.005,
     }
-    assert recipes["gentle finetune"] == {
+    assert tried["gentle finetune"] == {
         "strategy": "progressive",
         "progressive.initial_blocks": 2,
         "progressive.initial_freeze_epochs": 5,
         "progressive.unfreeze_interval": 2,
     }
-    assert recipes["linear probe"] == {"strategy": "frozen"}
-    assert recipes["full fine-tuning"] == {"strategy": "full"}
+    assert tried["linear probe"] == {"strategy": "frozen"}
+    assert tried["full fine-tuning"] == {"strategy": "full"}
+    # fastai: frozen 1 epoch, then everything (the space's 3 blocks an epoch: all 5 by epoch 2).
+    assert tried["fastai fine_tune"] == {
+        "strategy": "early_gradual",
+        "early_gradual.freeze_epochs": 1,
+        "early_gradual.blocks_per_epoch": 3,
+        "early_gradual.target_ratio": 1.0,
+        "optimizer.layer_decay": 0.3,
+    }
+    assert tried["ULMFiT"]["optimizer.layer_decay"] == pytest.approx(1 / 2.6, abs=1e-4)
+    assert tried["ULMFiT"]["early_gradual.blocks_per_epoch"] == 1
+    assert tried["LP-FT"]["early_gradual.freeze_epochs"] == 3
+    assert tried["LP-FT"]["optimizer.backbone_lr_mult"] == 0.1
+    # What a trial of each one trains with: the layer decay reaches the optimizer's groups.
+    cfg = default_space().trial_config(TrialConfig(), tried["ULMFiT"])
+    assert cfg.optimizer.layer_decay == pytest.approx(1 / 2.6, abs=1e-4)
 
 
-def test_recipes_outside_the_space_are_dropped() -> None:
+def test_recipes_outside_the_space_are_not_tried() -> None:
     def names(per: dict[str, Any], chosen: list[str]) -> list[str]:
-        return [n for n, _ in space_from_dict({"strategy": chosen, "strategies": per}).recipes()]
+        space = space_from_dict({"strategy": chosen, "strategies": per})
+        return [n for n, _ in recipes.tried(space)]
 
     ratio = {"type": "float", "low": 0.6, "high": 1.0}
-    assert names({"early_gradual": {"target_ratio": ratio}}, ["early_gradual"]) == []
+    assert names({"early_gradual": {"target_ratio": ratio}}, ["early_gradual"]) == ["ULMFiT"]
     assert names({}, ["early_gradual"]) == ["early_gradual 1/1/0.5"]  # defaults are the recipe
     assert names({"early_gradual": {"freeze_epochs": 2}}, ["early_gradual"]) == []  # fixed != 1
     slow = {"initial_blocks": 4, "initial_freeze_epochs": 15, "unfreeze_interval": 5}
@@ -492,30 +523,39 @@ def test_recipes_outside_the_space_are_dropped() -> None:
     assert names({"adaptive": {"min_improvement": step}}, ["adaptive"]) == []  # off the grid
 
 
-def test_a_recipe_the_space_cannot_produce_is_reported_with_the_reason() -> None:
-    def unfit(per: dict[str, Any], chosen: list[str]) -> list[tuple[str, str]]:
-        return space_from_dict({"strategy": chosen, "strategies": per}).unfit_recipes()
+def test_a_recipe_not_tried_as_it_is_is_in_the_log_with_the_reason() -> None:
+    def lines(values: dict[str, Any]) -> list[str]:
+        return recipes.log_lines(space_from_dict(values))
 
     late = {"early_gradual": {"freeze_epochs": {"type": "int", "low": 2, "high": 3}}}
-    assert unfit(late, ["early_gradual"]) == [
-        ("early_gradual 1/1/0.5", "early_gradual.freeze_epochs 1 is outside the space's 2..3")
-    ]
-    fixed = {"early_gradual": {"freeze_epochs": 2}}
-    assert unfit(fixed, ["early_gradual"]) == [
-        ("early_gradual 1/1/0.5", "early_gradual.freeze_epochs 1: the space fixes 2")
-    ]
-    (gentle, why), (slow, _) = unfit({}, ["progressive"])
-    assert (gentle, slow) == ("gentle finetune", "slow burn")
-    assert why == (
-        "progressive.initial_freeze_epochs 5: the space leaves it at the strategy's default, 10"
+    assert lines({"strategy": ["early_gradual"], "strategies": late})[0] == (
+        "recipe 'early_gradual 1/1/0.5' not tried: "
+        "early_gradual.freeze_epochs 1 is outside the space's 2..3"
     )
-    assert unfit({}, ["full", "frozen"]) == []  # every recipe of theirs fits
+    fixed = {"early_gradual": {"freeze_epochs": 2}}
+    assert lines({"strategy": ["early_gradual"], "strategies": fixed})[0] == (
+        "recipe 'early_gradual 1/1/0.5' not tried: early_gradual.freeze_epochs 1: the space fixes 2"
+    )
+    gentle, slow = lines({"strategy": ["progressive"]})
+    assert gentle == (
+        "recipe 'gentle finetune' not tried: progressive.initial_freeze_epochs 5: the space "
+        "leaves it at the strategy's default, 10"
+    )
+    assert slow.startswith("recipe 'slow burn' not tried: ")
+    assert lines({"strategy": ["full", "frozen"]}) == []  # every recipe of theirs fits
+    # An optimizer field the space has no entry for: tried without it, and said.
+    (note, *_) = lines({"strategy": ["early_gradual"]})
+    assert note == (
+        "recipe 'early_gradual 1/1/0.5' tried with changes: optimizer.backbone_lr_mult 0.1 left "
+        "out: the space neither searches nor fixes it"
+    )
     for path in SHIPPED:  # every recipe of a shipped space's strategies is tried or reported
         space = load_space(path)
-        tried = [title for title, _ in space.recipes()]
-        reported = [title for title, _ in space.unfit_recipes()]
-        mine = [title for title, name, _ in RECIPES if name in space.strategies]
-        assert sorted(tried + reported) == sorted(mine), path.name
+        tried = {title for title, _ in recipes.tried(space)}
+        logged = {line.split("'")[1] for line in recipes.log_lines(space)}
+        mine = {r.title for r in RECIPES if r.strategy in space.strategies}
+        assert tried | logged == mine, path.name
+        assert all(f.exact or f.notes for f in recipes.fits(space))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,16 +566,16 @@ def test_optuna_search_starts_from_the_recipes() -> None:
     from ray.tune.search.optuna import OptunaSearch
 
     space = default_space()
-    recipes = space.recipes()
+    points = recipes.tried(space)
     searcher = OptunaSearch(
         space=space.define_by_run,
         metric="val_acc",
         mode="max",
-        points_to_evaluate=[flat for _, flat in recipes],
+        points_to_evaluate=[flat for _, flat in points],
         seed=0,
     )
     dists = space.distributions()
-    for i, (_, flat) in enumerate(recipes):
+    for i, (_, flat) in enumerate(points):
         config = searcher.suggest(f"t{i}")
         assert config is not None
         assert {k: config[k] for k in flat} == flat

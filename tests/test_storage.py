@@ -116,7 +116,7 @@ def test_trials_and_best_read_the_search_from_its_uri(
 
     code, out, err = run(capsys, "best", searched.location)
     assert code == 0, err
-    assert "best_val_acc" in out
+    assert "last3_mean_val_acc" in out
 
 
 def test_report_of_a_search_on_s3_draws_the_loss_curves_from_its_checkpoints(

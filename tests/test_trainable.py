@@ -6,9 +6,11 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from ray import tune
 
 from unfreeze_hpo.config import from_dict
+from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.space import space_from_dict
 from unfreeze_hpo.search.trainable import run_trial
 
@@ -55,12 +57,12 @@ def checkpointed_epochs(checkpoint: Path) -> list[int]:
 
 def tune_once(tmp_path: Path, callbacks: list[tune.Callback], max_failures: int) -> Any:
     trainable = tune.with_parameters(
-        run_trial, base=from_dict(BASE).to_dict(), space=SPACE, metric="best_val_acc"
+        run_trial, base=from_dict(BASE).to_dict(), space=SPACE, objective=Objective()
     )
     tuner = tune.Tuner(
         trainable,
         param_space={"strategy": "early_gradual"},
-        tune_config=tune.TuneConfig(metric="best_val_acc", mode="max", num_samples=1),
+        tune_config=tune.TuneConfig(metric=Objective().key, mode="max", num_samples=1),
         run_config=tune.RunConfig(
             name="t",
             storage_path=str(tmp_path),
@@ -92,6 +94,10 @@ def test_a_killed_worker_is_retried_from_its_last_epoch(ray_session: None, tmp_p
     # The trial's own record, carried to storage by its last checkpoint: every epoch exactly
     # once and in order, those before the kill taken over from the restored checkpoint.
     assert checkpointed_epochs(latest) == [0, 1, 2, 3]
+    # The objective after the retry spans the epochs before the kill too.
+    lines = (latest / "metrics.jsonl").read_text().splitlines()
+    val_acc = [json.loads(line)["metrics"]["val_acc"] for line in lines]
+    assert result.metrics[Objective().key] == pytest.approx(sum(val_acc[-3:]) / 3)
     # The trial's scratch folder (checkpoint files, log) never goes to storage by itself.
     assert not (Path(result.path) / "work").exists()
 

@@ -29,6 +29,7 @@ METRICS = (
     "best_val_acc",
     "val_acc",
     "val_loss",
+    "val_samples",
     *TEST_METRICS,
     "train_loss",
     "grad_norm",

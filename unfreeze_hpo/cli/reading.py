@@ -45,8 +45,8 @@ def cmd_trials(args: argparse.Namespace) -> int:
     )
     if args.format == "table":
         print(
-            f"search {search.name}: {len(table)} trials; value: the best {search.metric} over "
-            "the epochs, final: at the last epoch"
+            f"search {search.name}: {len(table)} trials\nvalue: {search.objective.describe()} "
+            f"({search.metric}); final: {search.objective.metric} at the last epoch"
         )
     print(listing.render(table, args.format, columns=args.columns, wide=args.wide))
     return 0
@@ -79,7 +79,16 @@ def cmd_best(args: argparse.Namespace) -> int:
     table = table.drop(columns=[c for c in table.columns if table[c].isna().all()])
     order = "highest" if search.mode == "max" else "lowest"
     if args.format == "table":
-        print(f"search {search.name}: best completed trials by {search.metric} ({order} first)")
+        print(
+            f"search {search.name}: best completed trials by {search.metric} ({order} first)\n"
+            f"value: {search.objective.describe()}"
+        )
+        if "seeds" in table.columns:
+            print(
+                "re-run configs first, by seed_mean over their seeds; seed_sd: their spread, "
+                "val_se: one reading's validation-sampling error, train_sd: the training "
+                "seed's share of seed_sd"
+            )
     print(listing.render(table, args.format, columns=args.columns, wide=args.wide))
     return 0
 

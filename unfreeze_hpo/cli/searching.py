@@ -97,7 +97,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.best is None:
         print("no trial completed")
         return 1
-    print(f"best trial #{result.best.number}: {cfg.metric} {result.best.value:.4f}")
+    print(f"best trial #{result.best.number}: {cfg.goal.key} {result.best.value:.4f}")
     for key, value in sorted(result.best.params.items()):
         print(f"    {key} = {value:.4g}" if isinstance(value, float) else f"    {key} = {value}")
     shown = redact(result.study_url)

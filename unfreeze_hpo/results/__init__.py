@@ -19,7 +19,8 @@ from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.params import build
 from unfreeze_hpo.search.inputs import SEARCH_FILE
-from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig, search_values
+from unfreeze_hpo.search.objective import Objective
+from unfreeze_hpo.search.options import STUDY_FILE, SearchConfig, search_values, with_objective
 from unfreeze_hpo.search.space import SearchSpace, space_from_dict
 
 STATE_NAMES = {
@@ -54,9 +55,17 @@ class Search:
     study: optuna.Study
     base: TrialConfig
     space: SearchSpace
-    metric: str
-    mode: str
+    objective: Objective  # what the study's values are
     study_url: str = ""
+
+    @property
+    def metric(self) -> str:
+        """The key the trials report the objective under: the study's metric name."""
+        return self.objective.key
+
+    @property
+    def mode(self) -> str:
+        return self.objective.mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ def open_search(path: str | Path, *, study_storage: str | None = None) -> Search
     cfg, base, space = _read_record(record)
     url = study_url(folder, study_storage or cfg.study_storage)
     study = load_study(path, cfg.name, url)
-    return Search(folder, cfg.name, study, base, space, cfg.metric, cfg.mode, url)
+    return Search(folder, cfg.name, study, base, space, cfg.goal, url)
 
 
 def local_folder(path: str | Path) -> Path:
@@ -140,7 +149,7 @@ def _read_record(record: Path) -> tuple[SearchConfig, TrialConfig, SearchSpace]:
     problems: list[Problem] = []
     recorded = values.get("search")
     if isinstance(recorded, Mapping):  # the names of older records too
-        recorded = search_values(recorded)
+        recorded = search_values(with_objective(recorded))
     cfg = build(SearchConfig, recorded, "search", problems)
     base = space = None
     try:

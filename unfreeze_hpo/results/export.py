@@ -45,6 +45,7 @@ def trial_config(search: Search, number: int) -> TrialConfig:
         "state": STATE_NAMES.get(trial.state, trial.state.name.lower()),
         "reason": attrs.get("reason") or None,
         "metric": search.metric,
+        "objective": search.objective.describe(),
         "mode": search.mode,
         "value": trial.value,
         "final": {k: v for k, v in (attrs.get("final") or {}).items() if k not in RAY_KEYS},

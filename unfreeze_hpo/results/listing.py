@@ -16,6 +16,7 @@ from optuna.trial import FrozenTrial
 
 from unfreeze_hpo.errors import ConfigError, Problem, UserError
 from unfreeze_hpo.results import STATE_NAMES, Search, or_list, tables
+from unfreeze_hpo.search import seeds
 
 STATES = ("complete", "pruned", "failed", "running")
 
@@ -23,7 +24,8 @@ STATES = ("complete", "pruned", "failed", "running")
 FORMATS = ("table", "csv", "json")
 
 
-# Columns after the hyperparameters; "value" is the best metric over the epochs (the study's).
+# Columns after the hyperparameters; "value" is the study's (the search's objective), "final" the
+# metric it is made of at the trial's last epoch.
 _TAIL = (
     "value",
     "test_acc",  # test accuracy at the best val epoch: only when the data has a test split
@@ -78,7 +80,7 @@ def _study_row(search: Search, trial: FrozenTrial) -> dict[str, Any]:
         "strategy": _strategy(search, {**(attrs.get("config") or {}), **trial.params}),
         **{k: v for k, v in trial.params.items() if k != "strategy"},
         "value": trial.value,
-        **_final_columns(search.metric, final),
+        **_final_columns(search.objective.metric, final),
         "reason": attrs.get("reason") or None,
         "ray_trial_id": attrs.get("ray_trial_id"),
     }
@@ -95,8 +97,8 @@ def _running_row(search: Search, ray_trial: _RayTrial) -> dict[str, Any]:
         "state": "running",
         "strategy": _strategy(search, params),
         **{k: v for k, v in params.items() if k in sampled and k != "strategy"},
-        "value": (max if search.mode == "max" else min)(values) if values else None,
-        **_final_columns(search.metric, last),
+        "value": values[-1] if values else None,  # the objective as it stands
+        **_final_columns(search.objective.metric, last),
         "reason": _NOT_RECORDED,
         "ray_trial_id": ray_trial.trial_id,
     }
@@ -245,12 +247,42 @@ def best_trials(search: Search, top: int = 1, by_strategy: bool = False) -> pd.D
     ranked = complete.sort_values(
         ["value", "number"], ascending=[search.mode == "min", True], kind="stable"
     )
+    if summaries := seed_runs(search):  # re-run configs first, by their mean over seeds
+        ranked = _with_seeds(ranked, summaries)
     if not by_strategy:
         return ranked.head(top).reset_index(drop=True)
     ranked = ranked.groupby("strategy", sort=False, dropna=False).head(top)
     order = {name: i for i, name in enumerate(dict.fromkeys(ranked["strategy"]))}
     ranked = ranked.sort_values("strategy", key=lambda s: s.map(order), kind="stable")
     return ranked.reset_index(drop=True)
+
+
+def seed_runs(search: Search) -> list[seeds.SeedSummary]:
+    """The configs ``--reseed-top`` re-ran, best mean over their seeds first ([] for none)."""
+    reruns = seeds.load_reruns(search.study_url, search.name) if search.study_url else []
+    if not reruns:
+        return []
+    return seeds.seed_summary(search.study.get_trials(deepcopy=False), reruns, search.objective)
+
+
+# The columns a re-run config adds: its seeds, their mean and spread, and the two errors.
+SEED_COLUMNS = ("seeds", "seed_mean", "seed_sd", "val_se", "train_sd")
+
+
+def _with_seeds(ranked: pd.DataFrame, summaries: list[seeds.SeedSummary]) -> pd.DataFrame:
+    """``ranked`` with the seed columns; the re-run configs first, by their mean over seeds."""
+    stats = pd.DataFrame(
+        [(s.number, s.seeds, s.mean, s.sd, s.val_se, s.train_sd) for s in summaries],
+        columns=["number", *SEED_COLUMNS],
+    )
+    stats["number"] = stats["number"].astype("Int64")
+    order = {s.number: i for i, s in enumerate(summaries)}
+    out = ranked.merge(stats, on="number", how="left")
+    position = out["number"].map(lambda n: order.get(n, len(order)))
+    out = out.iloc[position.argsort(kind="stable")]
+    columns = list(ranked.columns)
+    at = columns.index("value") + 1
+    return out[[*columns[:at], *SEED_COLUMNS, *columns[at:]]].reset_index(drop=True)
 
 
 def check_top(top: int) -> int:

@@ -159,7 +159,8 @@ def build_report(
         raise _bad_search(search_folder, message, "report once the search has ended a trial")
     out = Path(out) if out is not None else _folder(search_folder) / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-    metric = objective_name(records)
+    # The name the search recorded for its values; a study from before it, the one that fits.
+    metric = (study.metric_names or [""])[0] or objective_name(records)
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     sections = [
         plot_history(study, metric, out / "history.png"),
@@ -186,6 +187,9 @@ def _page(
     maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
     best = (max if maximize else min)(done, key=lambda r: r.value or 0.0) if done else None
     summary = f"{len(records)} trials: {counts}. Direction: {'max' if maximize else 'min'}imize."
+    recorded = study.user_attrs.get("objective")
+    if isinstance(recorded, dict) and recorded.get("describe"):
+        summary += f" Objective: {recorded['describe']} ({metric})."
     if best is not None:
         summary += f" Best: trial {best.number} ({best.strategy}), {metric} = {best.value:.4g}."
     table = trials_table(records, metric).to_html(

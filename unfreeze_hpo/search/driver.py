@@ -21,18 +21,19 @@ import optuna
 import ray
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import FIFOScheduler
 
 import unfreeze_hpo
 from unfreeze_hpo import storage
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
-from unfreeze_hpo.search import tasks, trackers
+from unfreeze_hpo.search import recipes, seeds, tasks, trackers
 from unfreeze_hpo.search.inputs import check_inputs, check_storage, load_inputs, write_inputs
 from unfreeze_hpo.search.options import SearchConfig
 from unfreeze_hpo.search.progress import ProgressPrinter
 from unfreeze_hpo.search.pruning import make_scheduler
 from unfreeze_hpo.search.recorder import StudyRecorder
-from unfreeze_hpo.search.searcher import Searcher
+from unfreeze_hpo.search.searcher import Points, Searcher
 from unfreeze_hpo.search.space import SearchSpace
 from unfreeze_hpo.search.trainable import run_trial
 from unfreeze_hpo.train import Log
@@ -81,27 +82,15 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         from unfreeze_hpo.embedded import source_checkpoint
 
         source_checkpoint(base, log)
-    base_values = base.to_dict()
-    trainable = tune.with_resources(
-        tune.with_parameters(
-            run_trial,
-            base=base_values,
-            space=space,
-            metric=cfg.metric,
-            threads=max(1, int(cfg.cpus_per_trial)),
-            checkpoint_every=cfg.checkpoint_every,
-            weights_cache=cfg.weights_cache,
-        ),
-        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
-    )
+    trainable = _trainable(cfg, base, space)
     path = storage.join(cfg.location, "ray")
     resumed = tune.Tuner.can_restore(path)
     if resumed:  # with the callbacks (and trackers) it started with
         log(f"resuming the search in {cfg.location}")
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     else:
-        for title, why in space.unfit_recipes() if cfg.recipes else ():
-            log(f"recipe {title!r} not tried: {why}")
+        for line in recipes.log_lines(space) if cfg.recipes else ():
+            log(line)
         tuner = _new_tuner(cfg, base, space, trainable)
         if cfg.trackers:
             log(f"trackers: {', '.join(cfg.trackers)}, under {_tracker_folder(cfg)}")
@@ -116,7 +105,94 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
         log(f"search interrupted after {elapsed:.0f}s: {ended} of {cfg.num_trials} trials ended")
         return dataclasses.replace(result, interrupted=True)
     log(f"search finished in {elapsed:.0f}s")
+    if cfg.reseed_top:
+        return _reseed(cfg, base, space, trainable, result, log)
     return result
+
+
+def _trainable(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> Any:
+    return tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            base=base.to_dict(),
+            space=space,
+            objective=cfg.goal,
+            threads=max(1, int(cfg.cpus_per_trial)),
+            checkpoint_every=cfg.checkpoint_every,
+            weights_cache=cfg.weights_cache,
+        ),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
+    )
+
+
+def _reseed(
+    cfg: SearchConfig,
+    base: TrialConfig,
+    space: SearchSpace,
+    trainable: Any,
+    result: SearchOutcome,
+    log: Log,
+) -> SearchOutcome:
+    """Re-run the best configs with more training seeds (see ``seeds``); the outcome's best is
+    then the config with the best mean over its seeds."""
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.study_url)
+    originals = study.get_trials(deepcopy=False)
+    path = storage.join(cfg.location, seeds.EXPERIMENT)
+    restored = tune.Tuner.can_restore(path)
+    if restored:
+        log("reseed: resuming the re-runs")
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        points = seeds.points(originals, cfg.mode, cfg.reseed_top, cfg.reseed_seeds, base.seed)
+        if not points:
+            log("reseed: no completed trial to re-run")
+            return result
+        configs = len(points) // cfg.reseed_seeds
+        log(
+            f"reseed: re-running the {configs} best config(s) with {cfg.reseed_seeds} more "
+            f"training seed(s) each ({len(points)} trials, no pruning)"
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=cfg.goal.key,
+                mode=cfg.mode,
+                search_alg=Points(points, cfg.goal.key, cfg.mode),
+                num_samples=len(points),
+                max_concurrent_trials=cfg.max_concurrent,
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=seeds.EXPERIMENT,
+                storage_path=cfg.location,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoints_kept),
+                callbacks=[
+                    CSVLoggerCallback(),
+                    JsonLoggerCallback(),
+                    StudyRecorder(
+                        cfg.study_url,
+                        seeds.study_name(cfg.name),
+                        cfg.goal,
+                        space,
+                        FIFOScheduler(),
+                        epochs=base.epochs,
+                    ),
+                    ProgressPrinter(cfg.goal.key, len(points), None),
+                ],
+                verbose=0,
+            ),
+        )
+    with _only_our_loggers(not restored):
+        tuner.fit()
+    summaries = seeds.seed_summary(originals, seeds.load_reruns(cfg.study_url, cfg.name), cfg.goal)
+    for summary in summaries:
+        log("reseed: " + seeds.line(summary, cfg.goal.key))
+    if not summaries:
+        return result
+    winner = next(t for t in originals if t.number == summaries[0].number)
+    log(f"reseed: the winner is trial {winner.number}, the best mean over its seeds")
+    return dataclasses.replace(result, best=winner)
 
 
 def outcome(cfg: SearchConfig) -> SearchOutcome:
@@ -133,7 +209,7 @@ def _new_tuner(
     scheduler = make_scheduler(
         cfg.scheduler,
         dataclasses.replace(cfg.pruning, window_steps=base.signals.window_steps),
-        metric=cfg.metric,
+        metric=cfg.goal.key,
         mode=cfg.mode,
         max_t=base.epochs,
         grace_period=min(cfg.asha.grace_period, base.epochs),
@@ -146,25 +222,25 @@ def _new_tuner(
         constant_liar=True,
         n_startup_trials=min(8, cfg.num_trials),
     )
-    recipes = [flat for _, flat in space.recipes()] if cfg.recipes else None
+    points = [point for _, point in recipes.tried(space)] if cfg.recipes else None
     searcher = Searcher(
         space=space.define_by_run,
         sampler=sampler,
-        points_to_evaluate=recipes or None,
+        points_to_evaluate=points or None,
         seed=cfg.seed,
         # A define-by-run space refuses Tune's set_search_properties: metric and mode go here.
-        metric=cfg.metric,
+        metric=cfg.goal.key,
         mode=cfg.mode,
         rule=scheduler.rule,
         epochs=base.epochs,
     )
     recorder = StudyRecorder(
-        cfg.study_url, cfg.name, cfg.metric, cfg.mode, space, scheduler, epochs=base.epochs
+        cfg.study_url, cfg.name, cfg.goal, space, scheduler, epochs=base.epochs
     )
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=cfg.metric,
+            metric=cfg.goal.key,
             mode=cfg.mode,
             search_alg=searcher,
             scheduler=scheduler,
@@ -183,7 +259,7 @@ def _new_tuner(
                 CSVLoggerCallback(),
                 JsonLoggerCallback(),
                 recorder,
-                ProgressPrinter(cfg.metric, cfg.num_trials, scheduler),
+                ProgressPrinter(cfg.goal.key, cfg.num_trials, scheduler),
                 *trackers.callbacks(cfg.trackers, experiment=cfg.name, folder=_tracker_folder(cfg)),
             ],
             verbose=0,

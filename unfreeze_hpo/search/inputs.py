@@ -19,7 +19,7 @@ from unfreeze_hpo import resources, storage, yamlfile
 from unfreeze_hpo.config import TrialConfig
 from unfreeze_hpo.errors import ConfigError, Problem
 from unfreeze_hpo.search import space as space_module
-from unfreeze_hpo.search.options import SearchConfig
+from unfreeze_hpo.search.options import SearchConfig, with_objective
 from unfreeze_hpo.search.space import SearchSpace, default_space, load_space, space_from_dict
 from unfreeze_hpo.yamlfile import write_yaml, yaml_text
 
@@ -109,16 +109,12 @@ def changed_space(cfg: SearchConfig, new: SearchSpace) -> list[Problem]:
     parameter (none for a new search): a resumed search must sample the space its study and its
     searcher already hold."""
     location = storage.join(cfg.location, SEARCH_FILE)
+    recorded = _record(cfg)
+    if recorded is None:
+        return []
     try:
-        if cfg.remote:
-            text = storage.read_text(location)
-        else:
-            text = Path(location).read_text(encoding="utf-8") if Path(location).is_file() else None
-        if text is None:
-            return []
-        recorded, _ = yamlfile.parse_yaml(text, location)
         old = _space_entries(space_to_dict(space_from_dict(recorded.get("space") or {})))
-    except (OSError, ConfigError):  # no readable record: the storage checks speak for the folder
+    except ConfigError:  # no readable record: the storage checks speak for the folder
         return []
     now = _space_entries(space_to_dict(new))
     started = f"search {cfg.name!r} started with"
@@ -133,7 +129,44 @@ def changed_space(cfg: SearchConfig, new: SearchSpace) -> list[Problem]:
         elif now[key] != old[key]:
             message = f"changed from {old[key]!r}, the value {started}"
             problems.append(Problem(key, now[key], message, fix))
-    return space_module.locate(problems, new.source)
+    return space_module.locate(problems, new.source) + changed_objective(cfg, recorded)
+
+
+def changed_objective(cfg: SearchConfig, recorded: Mapping[str, Any]) -> list[Problem]:
+    """A resumed search must score its trials as it started to: the study's values are that
+    objective's. One problem per option that differs (a record from before the objective
+    scored by the final value of its metric)."""
+    options = recorded.get("search")
+    if not isinstance(options, Mapping):
+        return []
+    options = with_objective(options)
+    fix = f"resume with the options search {cfg.name!r} started with, or give --name a new search"
+    problems = []
+    for name in ("metric", "mode", "objective", "objective_k"):
+        old, now = options.get(name, getattr(cfg, name)), getattr(cfg, name)
+        if name == "objective_k" and cfg.objective != "last_k_mean":
+            continue  # k means nothing to the other objectives
+        if old != now:
+            why = f"changed from {old!r}, the value search {cfg.name!r} started with"
+            problems.append(Problem("--" + name.replace("_", "-"), now, why, fix))
+    return problems
+
+
+def _record(cfg: SearchConfig) -> dict[str, Any] | None:
+    """The ``search.yaml`` the search ``cfg`` names wrote, parsed; None when there is none or
+    it cannot be read (the storage checks speak for the folder)."""
+    location = storage.join(cfg.location, SEARCH_FILE)
+    try:
+        if cfg.remote:
+            text = storage.read_text(location)
+        else:
+            text = Path(location).read_text(encoding="utf-8") if Path(location).is_file() else None
+        if text is None:
+            return None
+        recorded, _ = yamlfile.parse_yaml(text, location)
+    except (OSError, ConfigError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
 
 
 def _space_entries(values: Mapping[str, Any]) -> dict[str, Any]:

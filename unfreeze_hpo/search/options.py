@@ -17,6 +17,7 @@ from unfreeze_hpo import storage
 from unfreeze_hpo.config import SEARCH_METRICS
 from unfreeze_hpo.errors import Problem
 from unfreeze_hpo.params import param
+from unfreeze_hpo.search.objective import KINDS, Objective
 from unfreeze_hpo.search.rules import AshaSettings, SpikeRule
 
 STUDY_FILE = "study.db"  # the durable Optuna study of a search, inside its folder
@@ -57,9 +58,23 @@ class SearchConfig:
     cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
     gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
     metric: str = param(
-        "best_val_acc", choices=SEARCH_METRICS, help="what the search maximizes or minimizes"
+        "val_acc", choices=SEARCH_METRICS, help="the per-epoch metric the objective is made of"
     )
     mode: str = param("max", choices=("max", "min"), help="max or min")
+    objective: str = param(
+        "last_k_mean",
+        choices=KINDS,
+        help="what a trial scores: last_k_mean (the metric's mean over its last k epochs), "
+        "final (its last epoch) or best (its best epoch, biased upward by luck)",
+    )
+    objective_k: int = param(3, ge=1, help="the k of --objective last_k_mean")
+    reseed_top: int = param(
+        0,
+        ge=0,
+        help="once the trials end, re-run the N best completed configs with more training "
+        "seeds and name the winner by its mean over them (0: no re-runs)",
+    )
+    reseed_seeds: int = param(2, ge=1, help="new training seeds per config --reseed-top re-runs")
     scheduler: str = param("asha", choices=("asha", "fifo"), help="the scheduler spikes wrap")
     asha: AshaSettings = field(default_factory=AshaSettings)
     pruning: SpikeRule = field(default_factory=SpikeRule)  # its window_steps: the base config's
@@ -97,6 +112,11 @@ class SearchConfig:
         help="experiment trackers for every trial, any of tensorboard,mlflow,wandb "
         "(local and offline, under the search folder)",
     )
+
+    @property
+    def goal(self) -> Objective:
+        """What the search optimizes, and the key its trials report it under."""
+        return Objective(self.metric, self.objective, self.objective_k, self.mode)
 
     @property
     def trackers(self) -> tuple[str, ...]:
@@ -192,6 +212,14 @@ def search_values(flat: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[head] = value
     return out
+
+
+def with_objective(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded search's options; one recorded before the objective was an option scored its
+    trials by the final value of the metric (best_val_acc unless it named another)."""
+    if "objective" in recorded:
+        return dict(recorded)
+    return {"metric": "best_val_acc", **recorded, "objective": "final"}
 
 
 def as_option(problem: Problem) -> Problem:

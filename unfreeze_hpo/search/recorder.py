@@ -19,6 +19,7 @@ from ray import tune
 
 from unfreeze_hpo import storage, trialdir
 from unfreeze_hpo.errors import UnfreezeHPOError, describe
+from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.space import SearchSpace
 
 
@@ -47,15 +48,15 @@ class StudyRecorder(tune.Callback):
         self,
         url: str,
         name: str,
-        metric: str,
-        mode: str,
+        objective: Objective,
         space: SearchSpace,
         scheduler: Any,
         *,
         epochs: int = 0,
         retry_s: float | None = None,
     ) -> None:
-        self.url, self.name, self.metric, self.mode = url, name, metric, mode
+        self.url, self.name, self.objective = url, name, objective
+        self.metric, self.mode = objective.key, objective.mode  # what the trials report
         self.space, self.scheduler, self.epochs = space, scheduler, epochs
         self.retry_s = RECORD_RETRY_S if retry_s is None else retry_s
         self.curves: dict[str, dict[int, float]] = {}
@@ -84,6 +85,8 @@ class StudyRecorder(tune.Callback):
         self.__dict__.setdefault("_next_try", 0.0)
         self.__dict__.setdefault("epochs", 0)
         self.__dict__.setdefault("retry_s", RECORD_RETRY_S)
+        # A snapshot from before the objective: its study's value was the reported metric.
+        self.__dict__.setdefault("objective", Objective(self.metric, "final", mode=self.mode))
 
     def setup(
         self,
@@ -204,6 +207,8 @@ class StudyRecorder(tune.Callback):
                 with warnings.catch_warnings():  # set_metric_names is marked experimental
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     self._opened.set_metric_names([self.metric])
+            if "objective" not in self._opened.user_attrs:  # which objective the values are
+                self._opened.set_user_attr("objective", self.objective.to_dict())
             self._recorded = {
                 str(t.user_attrs.get("ray_trial_id"))
                 for t in self._opened.get_trials(deepcopy=False)
@@ -219,16 +224,14 @@ class StudyRecorder(tune.Callback):
         text = checkpointed_text(trial)
         history = sorted(trialdir.rows(text), key=lambda r: r["epoch"]) if text else []
         curve = {
-            **_curve_of(history, self.metric),
+            **self.objective.curve(history),
             **(self.curves.get(trial.trial_id) or _curve_from(trial, self.metric)),
         }
         # With the blocks each event opened, as the trial folder names them.
         timeline = trialdir.events(text) if history else self.timelines.get(trial.trial_id, [])
         last = self.last.get(trial.trial_id) or dict(getattr(trial, "last_result", {}) or {})
-        value = None
-        if state != optuna.trial.TrialState.FAIL and curve:
-            values = list(curve.values())
-            value = max(values) if self.mode == "max" else min(values)
+        # The objective as it stood at the trial's last epoch: the trial's score.
+        value = curve[max(curve)] if state != optuna.trial.TrialState.FAIL and curve else None
         if state == optuna.trial.TrialState.COMPLETE and value is None:
             state, reason = optuna.trial.TrialState.FAIL, reason or "no finite metric reported"
         distributions = self.space.distributions()
@@ -316,15 +319,6 @@ def checkpointed_text(trial: Any) -> str:
             return str(f.read().decode())
     except Exception:
         return ""
-
-
-def _curve_of(history: list[dict[str, Any]], metric: str) -> dict[int, float]:
-    """Iteration -> metric for checkpointed epochs (Ray's iteration is the epoch count)."""
-    return {
-        int(row["epoch"]) + 1: float(row[metric])
-        for row in history
-        if isinstance(row.get(metric), int | float) and math.isfinite(row[metric])
-    }
 
 
 def _curve_from(trial: Any, metric: str) -> dict[int, float]:

@@ -23,11 +23,13 @@ keeps all of this.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from ray.tune.search import Searcher as TuneSearcher
 from ray.tune.search.optuna import OptunaSearch
 
 from unfreeze_hpo.search.rules import SpikeRule, metric_value, spike_verdict
@@ -83,3 +85,33 @@ class Searcher(OptunaSearch):
         study = self._ot_study
         assert study is not None, "the searcher has no study before its space is set"
         return study
+
+
+class Points(TuneSearcher):
+    """Hands out fixed configs in order, one trial each (the re-runs of ``seeds``); unlike
+    Tune's BasicVariantGenerator it needs no param space and keeps ``max_concurrent_trials``.
+    Its place in the list travels with its checkpoint, so ``Tuner.restore`` goes on from it."""
+
+    def __init__(self, points: list[dict[str, Any]], metric: str, mode: str) -> None:
+        super().__init__(metric=metric, mode=mode)
+        self.points, self.given = [dict(p) for p in points], 0
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.given >= len(self.points):
+            return TuneSearcher.FINISHED  # type: ignore[return-value]  # Tune's own sentinel
+        self.given += 1
+        return dict(self.points[self.given - 1])
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        pass  # nothing to learn: the configs are fixed
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"points": self.points, "given": self.given}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.points, self.given = state["points"], state["given"]

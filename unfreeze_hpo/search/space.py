@@ -27,7 +27,6 @@ from unfreeze_hpo.params import check_value, coerce
 from unfreeze_hpo.search.distributions import (
     Spec,
     close_match,
-    contains,
     distribution,
     is_distribution,
     is_fixed,
@@ -43,20 +42,6 @@ _NOT_COMMON = {
     "strategy": "list strategies under strategy: and their parameters under strategies:",
     "output_dir": "leave it out; each trial writes to its own directory",
 }
-# Recipes from the field notes, tried first so the search starts from known-good schedules.
-# fmt: off
-RECIPES: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("early_gradual 1/1/0.5", "early_gradual",
-     {"freeze_epochs": 1, "blocks_per_epoch": 1, "target_ratio": 0.5}),
-    ("adaptive 2/0.005", "adaptive", {"patience": 2, "min_improvement": 0.005}),
-    ("gentle finetune", "progressive",
-     {"initial_blocks": 2, "initial_freeze_epochs": 5, "unfreeze_interval": 2}),
-    ("slow burn", "progressive",
-     {"initial_blocks": 4, "initial_freeze_epochs": 15, "unfreeze_interval": 5}),
-    ("linear probe", "frozen", {}),  # "strong head, frozen backbone"
-    ("full fine-tuning", "full", {}),
-)
-# fmt: on
 
 
 @dataclass(frozen=True)
@@ -132,47 +117,6 @@ class SearchSpace:
         values["strategy"] = {"name": name, **params}
         return config.from_dict(values)
 
-    def recipes(self) -> list[tuple[str, dict[str, Any]]]:
-        """The field-notes recipes that fit this space, as flat dicts (define_by_run's keys and
-        'strategy') for OptunaSearch(points_to_evaluate=...); common parameters are left out,
-        so Optuna samples them."""
-        out = []
-        for title, name, values in RECIPES:
-            point, _ = self._recipe_point(name, values) if name in self.strategies else (None, "")
-            if point is not None:
-                out.append((title, point))
-        return out
-
-    def unfit_recipes(self) -> list[tuple[str, str]]:
-        """(title, why) of each recipe whose strategy this space has but whose values it cannot
-        produce: what a search says it leaves out, instead of dropping it silently."""
-        out = []
-        for title, name, values in RECIPES:
-            if name in self.strategies:
-                point, why = self._recipe_point(name, values)
-                if point is None:
-                    out.append((title, why))
-        return out
-
-    def _recipe_point(
-        self, name: str, values: Mapping[str, Any]
-    ) -> tuple[dict[str, Any] | None, str]:
-        """The recipe as a point of this space, or None and why the space cannot produce it."""
-        specs = self.per_strategy.get(name, {})
-        defaults = strategies.REGISTRY[name]().params()
-        point: dict[str, Any] = {"strategy": name}
-        for param, value in values.items():
-            key = f"{name}.{param}"
-            spec = specs.get(param, defaults[param])
-            if isinstance(spec, BaseDistribution):
-                if not contains(spec, value):
-                    return None, f"{key} {value!r} is outside the space's {_range(spec)}"
-                point[key] = value
-            elif spec != value:  # fixed by the space, or left at the strategy's default
-                how = "fixes" if param in specs else "leaves it at the strategy's default,"
-                return None, f"{key} {value!r}: the space {how} {spec!r}"
-        return point, ""
-
     def check_blocks(self, n_blocks: int) -> list[Problem]:
         """Fixed strategy parameters that name more blocks than the model's ``n_blocks``."""
         problems = []
@@ -191,7 +135,7 @@ class SearchSpace:
         return {**params, **self.common}
 
 
-def _range(spec: BaseDistribution) -> str:
+def describe_range(spec: BaseDistribution) -> str:
     """A distribution in words: its choices, or its bounds and step."""
     if isinstance(spec, optuna.distributions.CategoricalDistribution):
         return f"choices {list(spec.choices)}"

@@ -2,7 +2,8 @@
 
 Each epoch's metrics go to ``tune.report``, every ``checkpoint_every`` epochs (and the last) with
 the trial's checkpoint, so a worker that dies is retried from its last checkpoint and redoes the
-epochs after it; the objective is always a finite number or the trial fails.
+epochs after it. Each result carries the search's objective (``Objective.key``) as it stands after
+that epoch; it is always a finite number or the trial fails.
 
 A trial that fails for a reason of its own (diverged, out of memory, a non-finite metric) would fail
 the same way again: Ray's retry (``max_failures``) is meant for workers that died. The failure is
@@ -28,6 +29,8 @@ from ray import tune
 from unfreeze_hpo import embedded, train, trialdir
 from unfreeze_hpo.config import TrialConfig, from_dict
 from unfreeze_hpo.models import hub
+from unfreeze_hpo.search import seeds
+from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.space import SearchSpace
 
 CARRIED = trialdir.CARRIED  # what a Ray checkpoint of a trial holds
@@ -39,7 +42,7 @@ def run_trial(
     *,
     base: Mapping[str, Any],
     space: SearchSpace,
-    metric: str,
+    objective: Objective,
     threads: int = 1,
     checkpoint_every: int = 1,
     weights_cache: str | None = None,
@@ -53,7 +56,8 @@ def run_trial(
     # experiment snapshot: the checkpoints reach storage through tune.report only.
     folder = _trial_folder(context)
     work = folder / "work"
-    cfg = space.trial_config(from_dict(base), config).replace(output_dir=str(work))
+    sampled = {k: v for k, v in config.items() if k != seeds.RESEED_OF}  # a re-run's bookkeeping
+    cfg = space.trial_config(from_dict(base), sampled).replace(output_dir=str(work))
     failed_file = folder / FAILED
     if failed_file.is_file():
         raise train.TrialFailed(**json.loads(failed_file.read_text()))
@@ -61,11 +65,15 @@ def run_trial(
     log_file = (work / trialdir.LOG).open("a")
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if not math.isfinite(metrics.get(metric, math.nan)):
+        # The objective as it stands after this epoch, over every epoch the trial folder holds
+        # (a resumed trial's too: its metrics.jsonl came back with the checkpoint).
+        history = [row.get(objective.metric, math.nan) for row in trialdir.read_rows(work)]
+        metrics = {**metrics, objective.key: objective.value(history)}
+        if not math.isfinite(metrics[objective.key]):
             # A NaN objective would leave the Optuna trial unfinished; fail the trial instead.
             raise train.TrialFailed(
                 "nonfinite_metric",
-                f"{metric} is {metrics.get(metric)}",
+                f"{objective.key} is {metrics[objective.key]} ({objective.describe()})",
                 int(metrics["epoch"]),
                 int(metrics["step"]),
             )

@@ -171,6 +171,8 @@ def _run(
             "val_loss": val_loss,
             "val_acc": val_acc,
             "best_val_acc": state.best_val_acc,
+            # How many samples val_acc is the share of: its sampling error, sqrt(p(1-p)/n).
+            "val_samples": float(len(trial.datasets.val)),  # type: ignore[arg-type]
             **test,
             "grad_norm": train["grad_norm"],
             "grad_norm_max": train["grad_norm_max"],
