@@ -366,6 +366,23 @@ def test_norm_layers_of_frozen_blocks_keep_running_stats(
     ]
 
 
+def test_with_unfrozen_norm_eval_every_backbone_norm_keeps_its_running_stats(
+    model: nn.Module, blocks: Blocks
+) -> None:
+    norms = norms_by_block(model, blocks)
+    freezer = freezer_for(model, blocks, unfrozen_norm_eval=True)
+    freezer.apply(last(blocks, 2), step=0)
+    freezer.train()
+    stats = {id(m): m.running_mean.clone() for ms in norms.values() for m in ms}
+    model(batch(0)[0]).sum().backward()
+    for i, layers in norms.items():
+        for layer in layers:
+            assert not layer.training, i
+            assert torch.equal(layer.running_mean, stats[id(layer)]), i
+            if i >= 3 and layer.weight is not None:  # trainable blocks: the affine still trains
+                assert layer.weight.grad is not None
+
+
 def test_norm_layers_without_parameters_follow_their_block() -> None:
     model, blocks = tiny()
     optimizer = build_optimizer(model, blocks)

@@ -153,6 +153,12 @@ class TrialConfig:
         help="metric history the adaptive strategy watches",
     )
     frozen_norm_eval: bool = param(True, help="keep BatchNorm of frozen blocks in eval mode")
+    unfrozen_norm_eval: bool = param(
+        False,
+        help="keep BatchNorm of unfrozen backbone blocks in eval mode too: they keep the "
+        "pretrained running statistics, and an unfreeze event does not switch them to the "
+        "noisy statistics of a small batch",
+    )
     max_nonfinite_steps: int = param(
         20, ge=1, help="consecutive non-finite steps before the trial fails as diverged"
     )

@@ -143,7 +143,9 @@ class Freezer:
     ``1/warmup_steps`` to 1 over the first ``warmup_steps`` steps after the block was unfrozen
     by an unfreeze event (blocks trainable in the first plan have no warmup).
     With ``frozen_norm_eval``, BatchNorm/InstanceNorm layers of frozen blocks stay in eval mode,
-    so their running statistics are frozen too.
+    so their running statistics are frozen too; with ``unfrozen_norm_eval``, those of trainable
+    backbone blocks do as well (their affine weights still train): the pretrained statistics are
+    kept, and a small batch's noisy ones never replace them at an unfreeze event.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class Freezer:
         *,
         warmup_steps: int = 0,
         frozen_norm_eval: bool = True,
+        unfrozen_norm_eval: bool = False,
     ) -> None:
         if warmup_steps < 0:
             raise ConfigError(
@@ -167,7 +170,7 @@ class Freezer:
         self.optimizer = optimizer
         self.base_lr = base_lr
         self.warmup_steps = warmup_steps
-        self.frozen_norm_eval = frozen_norm_eval
+        self.frozen_norm_eval, self.unfrozen_norm_eval = frozen_norm_eval, unfrozen_norm_eval
         self.plan: Plan | None = None
         self._step = 0  # step at which the current plan was applied
         self.unfrozen_at: dict[int, int] = {}  # block -> step of its unfreeze event (warmup)
@@ -232,12 +235,16 @@ class Freezer:
         return {g["name"]: float(g["lr"]) for g in self.optimizer.param_groups}
 
     def set_norm_modes(self) -> None:
-        """Put norm layers of frozen blocks in eval mode; call again after ``model.train()``."""
-        if not (self.frozen_norm_eval and self.model.training and self.plan is not None):
+        """Put norm layers of frozen blocks (and with ``unfrozen_norm_eval`` of trainable ones)
+        in eval mode; call again after ``model.train()``."""
+        evals = self.frozen_norm_eval or self.unfrozen_norm_eval
+        if not (evals and self.model.training and self.plan is not None):
             return
         for i, layers in enumerate(self._norms):
+            trainable = self.plan.is_trainable(i)
+            keep = self.unfrozen_norm_eval if trainable else self.frozen_norm_eval
             for layer in layers:
-                layer.train(self.plan.is_trainable(i))
+                layer.train(not keep)
 
     def train(self) -> None:
         """``model.train()`` that keeps the norm layers of frozen blocks in eval mode."""

@@ -48,6 +48,7 @@ class Unfreezer:
         granularity: str = "fine",
         matcher: Mapping[str, Any] | None = None,
         frozen_norm_eval: bool = True,
+        unfrozen_norm_eval: bool = False,
         metric: str = "val_acc",
     ) -> None:
         if steps_per_epoch < 1:
@@ -70,6 +71,7 @@ class Unfreezer:
             base_lr,
             warmup_steps=unfreeze_warmup_steps,
             frozen_norm_eval=frozen_norm_eval,
+            unfrozen_norm_eval=unfrozen_norm_eval,
         )
         self.history: list[float] = []
         self.global_step = 0
@@ -98,6 +100,7 @@ class Unfreezer:
             granularity=cfg.model.granularity,
             matcher=cfg.model.matcher,
             frozen_norm_eval=cfg.frozen_norm_eval,
+            unfrozen_norm_eval=cfg.unfrozen_norm_eval,
             metric=cfg.monitor,
         )
 

@@ -149,7 +149,7 @@ def _fts_header(search: Search, number: int, cfg: TrialConfig, prefix: str, out:
         "one; FTS raises a lower max_epochs to it).",
         "- blocks no event unfroze are in no phase: FTS keeps them frozen.",
         "Not carried: the LR schedule (lrs are peak LRs), unfreeze_warmup_steps, weight decay, "
-        "frozen_norm_eval; configure those in Lightning.",
+        "frozen_norm_eval, unfrozen_norm_eval; configure those in Lightning.",
     ]
     return "".join(_comment(text) for text in paragraphs) + "\n"
 
