@@ -359,6 +359,7 @@ FULL: dict[str, Any] = {
     "output_dir": "runs/full",
     "monitor": "val_loss",
     "frozen_norm_eval": False,
+    "unfrozen_norm_eval": True,
     "max_nonfinite_steps": 3,
     "num_workers": 2,
     "prefetch_factor": 4,
