@@ -67,7 +67,7 @@ class Video:
         # pytorchvideo's UniformTemporalSubsample, written out (its transforms module does not
         # import with this torchvision).
         picks = torch.linspace(0, len(window) - 1, frames).clamp(0, len(window) - 1).long()
-        rgb = np.stack([window[i].to_ndarray(format="rgb24") for i in picks.tolist()])
+        rgb = np.stack([_rgb(window[i]) for i in picks.tolist()])
         return torch.from_numpy(rgb).permute(3, 0, 1, 2).to(torch.float32)
 
     def _pts(self, seconds: Fraction) -> int:
@@ -75,6 +75,17 @@ class Video:
 
     def close(self) -> None:
         self.container.close()
+
+
+def _rgb(frame: Any) -> np.ndarray:
+    """A decoded frame as RGB, scaled on one thread. PyAV 18 scales on ffmpeg's thread pool by
+    default, and a DataLoader worker forked from a process that had scaled frames inherits that
+    pool without its threads and waits on it forever. A worker is already one of several, and a
+    clip keeps few frames. (PyAV before the ``threads`` option scales on one thread anyway.)"""
+    try:
+        return frame.to_ndarray(format="rgb24", threads=1)
+    except TypeError:
+        return frame.to_ndarray(format="rgb24")
 
 
 def open_video(path: str) -> Video:
