@@ -216,7 +216,11 @@ def main() -> int:
         arms: dict[str, Callable[[], None]] = {}
         for data in args.data:
             writers[data](roots[data], sizes[data])
-            for workers in args.workers:
+            # Loaders with workers first: their persistent workers are forked in the first round,
+            # before this process decodes a video itself. PyAV 18 scales frames on ffmpeg's thread
+            # pool, which pytorchvideo's decoder (the bare arm) uses, and a worker forked after
+            # the parent had used it waits on it forever.
+            for workers in sorted(args.workers, reverse=True):
                 for name, build in (("ours", our_loader), ("bare", bare_loader)):
                     loader = build(KINDS[data][0], roots[data], args.batch_size, workers)
                     arms[f"{data} {workers} {name}"] = loader
