@@ -72,6 +72,28 @@ common:
 """
 
 
+# Data-parallel trials (test_replicas, test_ray_train): a model without BatchNorm (mvit_tiny has
+# LayerNorm), so the ranks' forward passes compute what one process computes on the same global
+# batch; two unfreeze events (epochs 1 and 2).
+DP_BASE: dict[str, Any] = {
+    "model": {"name": "pytorchvideo:mvit_tiny", "pretrain_on_source": False},
+    "data": {"kind": "synthetic_video", "train_samples": 64, "val_samples": 32},
+    "epochs": 3,
+    "batch_size": 16,
+    "num_workers": 0,
+    "strategy": {
+        "name": "early_gradual",
+        "freeze_epochs": 1,
+        "blocks_per_epoch": 1,
+        "target_ratio": 1.0,
+    },
+    "signals": {"baseline_steps": 2, "window_steps": 2},
+    "schedule": {"kind": "constant"},
+}
+# What a data-parallel trial must report as one process does, each epoch.
+DP_COMPARED = ("train_loss", "val_loss", "val_acc", "grad_norm", "spike_loss_ratio")
+
+
 def count_recorded(db: Path) -> int:
     """Trials in the SQLite study ``db`` (0 before it exists), read without waiting on a lock."""
     if not db.exists():

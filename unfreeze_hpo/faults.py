@@ -8,6 +8,7 @@ A trial config's ``faults:`` block lists them::
         - {kind: exit, epoch: 1, trials: 2}            # the first 2 trials to reach epoch 1 die
         - {kind: oom, stage: 1, every_attempt: true}   # and again after each restart
         - {kind: hold, epoch: 0, release: /abs/go}     # every trial waits for /abs/go to exist
+        - {kind: exit, epoch: 1, rank: 1}              # worker 1 of a multi-worker trial dies
 
 The block is honoured only when ``UNFREEZE_HPO_FAULT_INJECTION=1`` (the test suite sets it); in any
 other run a config carrying it is refused, so no real search can inject a fault by accident.
@@ -70,6 +71,7 @@ class Fault:
     real: bool = param(False, help="oom: lower the address-space limit so allocation fails")
     release: str = param("", help="hold: the absolute path whose creation lets the trial go on")
     hold_s: float = param(300.0, gt=0, help="hold: the longest wait, in seconds")
+    rank: int = param(0, ge=0, help="the worker it hits in a trial of several (its rank)")
 
 
 @dataclass(frozen=True)
@@ -117,10 +119,12 @@ def check(cfg: FaultsConfig) -> list[Problem]:
 
 @dataclass
 class Injector:
-    """The faults of one trial (``trial_id``), fired at the hooks ``train`` calls."""
+    """The faults of one trial (``trial_id``), fired at the hooks ``train`` calls; in a trial
+    of several workers, those of this worker's ``rank``."""
 
     cfg: FaultsConfig = field(default_factory=FaultsConfig)
     trial_id: str = "local"
+    rank: int = 0
     _faults: tuple[Fault, ...] = ()
     _hooks: list[Any] = field(default_factory=list)
     _limit: tuple[int, int] | None = None
@@ -131,7 +135,7 @@ class Injector:
         self._attempt = uuid.uuid4().hex
 
     def __bool__(self) -> bool:
-        return bool(self._faults)
+        return any(f.rank == self.rank for f in self._faults)
 
     # --- hooks, in the order a trial meets them ---------------------------------------------
 
@@ -187,7 +191,8 @@ class Injector:
     def _fire(self, kind: str, due: Any, **where: int) -> Fault | None:
         """The first due fault of ``kind`` that may still fire here, logged before it fires."""
         for index, fault in enumerate(self._faults):
-            if fault.kind == kind and due(fault) and self._claim(index, fault, where):
+            mine = fault.kind == kind and fault.rank == self.rank
+            if mine and due(fault) and self._claim(index, fault, where):
                 return fault
         return None
 

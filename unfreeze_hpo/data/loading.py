@@ -12,6 +12,7 @@ and a run resumed at epoch k sees what the uninterrupted run saw.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from unfreeze_hpo.data.spec import Item
 
@@ -69,17 +70,37 @@ def default_workers(cpus: float | None = None) -> int:
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)``: a permutation from ``(seed, epoch)`` when shuffling, else
     ``0 .. n-1``. ``set_epoch`` is called in the main process, so persistent workers need no
-    message to follow it."""
+    message to follow it.
 
-    def __init__(self, length: int, seed: int, shuffle: bool) -> None:
+    With ``world_size`` ranks each takes its shard of that one order: for training (``even``)
+    the way torch's ``DistributedSampler`` shards, padded with the order's head so every rank
+    takes as many steps; for evaluation a strided split without repeats. The order itself does
+    not depend on the ranks, so N ranks with a global batch of B see the batches one process
+    with batch B sees, and every sample keeps its ``(seed, epoch, index)`` draws."""
+
+    def __init__(
+        self,
+        length: int,
+        seed: int,
+        shuffle: bool,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        even: bool = True,
+    ) -> None:
         self.length, self.seed, self.shuffle = length, seed, shuffle
+        self.rank, self.world_size, self.even = rank, world_size, even
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        if self.world_size == 1:
+            return self.length
+        if self.even:
+            return math.ceil(self.length / self.world_size)
+        return len(range(self.rank, self.length, self.world_size))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         if self.shuffle:
@@ -88,6 +109,16 @@ class EpochSampler(Sampler[tuple[int, int]]):
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
+        if self.world_size > 1 and self.even:
+            shard: DistributedSampler[int] = DistributedSampler(
+                order,  # type: ignore[arg-type]  # a sized sequence is all it reads
+                num_replicas=self.world_size,
+                rank=self.rank,
+                shuffle=False,
+            )
+            order = [order[i] for i in shard]
+        elif self.world_size > 1:
+            order = order[self.rank :: self.world_size]
         epoch = self.epoch
         return ((epoch, index) for index in order)
 
@@ -156,14 +187,25 @@ def loader(
     device: torch.device,
     drop_last: bool = False,
     prefetch_factor: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader[Any]:
     """A loader to keep for the whole trial; call ``set_epoch`` before each epoch's pass.
 
     Workers persist across epochs; on CUDA batches are pinned so ``.to(device,
     non_blocking=True)`` overlaps the copy with compute. The loader's own generator seeds its
-    workers, so starting it never draws from the training process's random state.
+    workers, so starting it never draws from the training process's random state. With
+    ``world_size`` ranks it loads rank ``rank``'s shard (see ``EpochSampler``; a shuffled
+    loader is a training one, sharded evenly), ``batch_size`` being this rank's part of a batch.
     """
-    sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+    sampler = EpochSampler(
+        len(dataset),  # type: ignore[arg-type]
+        seed,
+        shuffle,
+        rank=rank,
+        world_size=world_size,
+        even=shuffle,
+    )
     options: dict[str, Any] = {}
     if workers > 0:
         options = {"persistent_workers": True, "prefetch_factor": prefetch_factor}

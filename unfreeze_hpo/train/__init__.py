@@ -13,11 +13,14 @@ them ``READ_EVERY`` steps at a time. No Ray, YAML or pandas here.
     step.py         one optimizer step on the device, and the batched read of its values
     loop.py         ``run``: epochs, validation, metrics, reports
     checkpoints.py  atomic checkpoints, resume and its fallback to the previous one
+    replicas.py     a data-parallel trial's ranks: DDP wrapped again at each unfreeze event,
+                    the replicas checked identical every epoch
     drift.py memory.py   the drift probe and each epoch's peak memory
 """
 
 from unfreeze_hpo.train.checkpoints import RESUMABLE_CHANGES
 from unfreeze_hpo.train.loop import evaluate, run
+from unfreeze_hpo.train.replicas import Ranks, Replicas
 from unfreeze_hpo.train.step import (
     READ_EVERY,
     SKIPPED,
@@ -46,6 +49,8 @@ __all__ = [
     "SKIPPED",
     "Log",
     "LoopState",
+    "Ranks",
+    "Replicas",
     "Report",
     "StepOutcome",
     "Summary",

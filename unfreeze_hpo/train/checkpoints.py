@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from unfreeze_hpo import trialdir
-from unfreeze_hpo.errors import ConfigError, Problem, describe
+from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError, describe
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.train.trial import Log, LoopState, Trial
 from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
@@ -24,14 +24,24 @@ from unfreeze_hpo.trialdir import CHECKPOINT, PREVIOUS
 RESUMABLE_CHANGES = ("epochs", "output_dir", "provenance", "num_workers", "prefetch_factor")
 
 
-def save(trial: Trial, monitor: SpikeMonitor, state: LoopState, out: Path) -> Path:
+def save(trial: Trial, monitor: SpikeMonitor, state: LoopState, out: Path) -> Path | None:
     """Write atomically: a temp file renamed over the latest, whose old copy becomes previous.
+
+    In a data-parallel trial every rank calls it (each rank's random state is gathered: each
+    resumes its own), rank 0 writes, and the other ranks get None.
 
     No name in ``out`` ever goes missing, not even for a moment, so a copy of the folder taken
     while the trial runs (Ray Tune syncs a trial's folder with each experiment snapshot) never
     finds a listed file gone: the new file and a second link to the old one are made in a
     scratch folder on the same filesystem, then renamed over ``checkpoint.pt`` and
     ``checkpoint.prev.pt``."""
+    ranks = trial.replicas.ranks
+    rng: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    every_rank = trial.replicas.gather(rng)
+    if not ranks.lead:
+        return None
     payload = {
         "model": trial.model.state_dict(),
         "optimizer": trial.optimizer.state_dict(),
@@ -39,11 +49,11 @@ def save(trial: Trial, monitor: SpikeMonitor, state: LoopState, out: Path) -> Pa
         "freezer": trial.freezer.state_dict(),
         "monitor": monitor.state_dict(),
         "loop": vars(state),
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "rng": rng,
         "config": trial.cfg.to_dict(),
     }
-    if torch.cuda.is_available():
-        payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    if ranks.distributed:
+        payload["ranks"] = {"world_size": ranks.world_size, "rng": every_rank}
     scratch = _scratch(out)
     tmp = scratch / (CHECKPOINT + ".tmp")
     with tmp.open("wb") as f:
@@ -82,7 +92,9 @@ def _scratch(out: Path) -> Path:
 
 
 def resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopState:
-    path, payload = load(out, trial.device, log)
+    """Restore the loop's state from the latest checkpoint in ``out``: in a data-parallel trial,
+    rank 0's, read by rank 0 and sent to the others (each takes its own random state)."""
+    path, payload = _read(trial, out, log)
     saved = {k: v for k, v in payload["config"].items() if k not in RESUMABLE_CHANGES}
     current = {k: v for k, v in trial.cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
     if saved != current:
@@ -95,19 +107,52 @@ def resume(trial: Trial, monitor: SpikeMonitor, out: Path, log: Log) -> LoopStat
                 "resume with the same config (only epochs and output_dir may change)",
             )
         )
+    ranks = trial.replicas.ranks
+    saved_ranks = payload.get("ranks", {"world_size": 1, "rng": [payload["rng"]]})
+    if saved_ranks["world_size"] != ranks.world_size:
+        raise ConfigError(
+            Problem(
+                "--workers-per-trial",
+                ranks.world_size,
+                f"{path} was written by a trial of {saved_ranks['world_size']} worker(s); its "
+                "data shards and random streams are theirs",
+                f"resume with {saved_ranks['world_size']} worker(s) per trial",
+            )
+        )
     trial.model.load_state_dict(payload["model"])
     trial.optimizer.load_state_dict(payload["optimizer"])
     trial.scaler.load_state_dict(payload["scaler"])
     trial.freezer.load_state_dict(payload["freezer"])
     monitor.load_state_dict(payload["monitor"])
-    torch.set_rng_state(payload["rng"]["torch"].cpu())
-    random.setstate(_as_tuple(payload["rng"]["python"]))
-    if "cuda" in payload["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+    rng = saved_ranks["rng"][ranks.rank]
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(_as_tuple(rng["python"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     state = LoopState(**payload["loop"])
-    trialdir.truncate(out, state.epoch)
+    if ranks.lead:
+        trialdir.truncate(out, state.epoch)
     log(f"resumed from {path} at epoch {state.epoch} (step {state.step})")
     return state
+
+
+def _read(trial: Trial, out: Path, log: Log) -> tuple[Path, dict[str, Any]]:
+    """``load`` on one rank; in a data-parallel trial rank 0 loads (to the host) and every
+    rank gets what it found, or the error it met."""
+    replicas = trial.replicas
+    if not replicas.ranks.distributed:
+        return load(out, trial.device, log)
+    found: tuple[Path, dict[str, Any]] | UnfreezeHPOError | None = None
+    if replicas.ranks.lead:
+        try:
+            found = load(out, torch.device("cpu"), log)
+        except UnfreezeHPOError as exc:  # raised on every rank, or the others would wait
+            found = exc
+    found = replicas.broadcast(found)
+    if isinstance(found, UnfreezeHPOError):
+        raise found
+    assert found is not None
+    return found
 
 
 def load(out: Path, device: torch.device, log: Log) -> tuple[Path, dict[str, Any]]:

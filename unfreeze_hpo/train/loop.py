@@ -23,6 +23,7 @@ from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.models import unwrap
 from unfreeze_hpo.signals import SpikeMonitor
 from unfreeze_hpo.train import checkpoints, drift, memory
+from unfreeze_hpo.train.replicas import Ranks
 from unfreeze_hpo.train.step import StepValues, autocast, backward, optimizer_step
 from unfreeze_hpo.train.trial import (
     Log,
@@ -36,6 +37,9 @@ from unfreeze_hpo.train.trial import (
     setup,
 )
 
+# A rank's dropout seed: seed * stride + rank, apart from every other trial seed's.
+RANK_SEED_STRIDE = 1_000_033
+
 
 def run(
     cfg: TrialConfig,
@@ -48,6 +52,7 @@ def run(
     cpus: float | None = None,
     checkpoint_every: int = 1,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> Summary:
     """Train one trial to ``cfg.epochs``; with ``resume``, continue from the last checkpoint.
 
@@ -58,6 +63,12 @@ def run(
     workers when ``num_workers`` is unset. ``checkpoint_every``: epochs between checkpoints (the
     last epoch always has one); ``report`` gets None for the path on the others. ``progress``:
     draw a progress bar within each epoch on stderr.
+
+    ``ranks``: this process's place in a data-parallel trial (torch.distributed already set
+    up; see ``train.replicas``). Every rank runs this loop on its shard of each global batch
+    and reports the same metrics; rank 0 alone writes the trial folder and its checkpoints,
+    and passes their path to ``report`` (the others get None). ``cfg.output_dir`` is each
+    rank's own: the others only read a checkpoint there to resume.
     """
     integer = isinstance(checkpoint_every, int) and not isinstance(checkpoint_every, bool)
     if not integer or checkpoint_every < 1:
@@ -66,10 +77,13 @@ def run(
         )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    trial = setup(cfg, log, weights=weights, cpus=cpus)
+    ranks = ranks or Ranks()
+    seed_everything(cfg.seed)  # the same on every rank: each builds the same model
+    trial = setup(cfg, log, weights=weights, cpus=cpus, ranks=ranks)
+    if ranks.distributed:  # from here each rank draws its own dropout
+        torch.default_generator.manual_seed(cfg.seed * RANK_SEED_STRIDE + ranks.rank)
     try:
-        return _run(trial, report, resume, log, trial_id, checkpoint_every, progress)
+        return _run(trial, report, resume, log, trial_id, checkpoint_every, progress and ranks.lead)
     finally:
         trial.loaders.close()
 
@@ -84,7 +98,8 @@ def _run(
     progress: bool,
 ) -> Summary:
     cfg, out = trial.cfg, Path(trial.cfg.output_dir)
-    trial.faults = Injector(cfg.faults, trial_id)
+    replicas, lead = trial.replicas, trial.replicas.ranks.lead
+    trial.faults = Injector(cfg.faults, trial_id, rank=replicas.ranks.rank)
     unfreezer = trial.unfreezer
     monitor = SpikeMonitor(
         cfg.signals.baseline_steps,
@@ -94,7 +109,7 @@ def _run(
     state = LoopState()
     if resume:
         state = checkpoints.resume(trial, monitor, out, log)
-    else:
+    elif lead:
         checkpoints.start_over(out, log)
     # The loop's state (checkpointed) and the Unfreezer share the history and the step count.
     unfreezer.history, unfreezer.global_step = state.history, state.step
@@ -106,6 +121,7 @@ def _run(
         f"{cfg.epochs} epochs x {trial.steps_per_epoch} steps"
         + (f" of {accumulate} batches" if accumulate > 1 else "")
         + f", device {trial.device}, amp {cfg.amp}, {workers} loader workers"
+        + (f", {replicas.ranks.world_size} ranks" if replicas.ranks.distributed else "")
     )
     for note in cfg.strategy.notes(cfg.epochs, sizes):
         log(f"note: {note}")
@@ -113,6 +129,8 @@ def _run(
     for warning in prep.warnings() if prep is not None else ():
         log(f"warning: {warning}")
 
+    final: dict[str, float] = {}
+    resumed_at = state.epoch
     for epoch in range(state.epoch, cfg.epochs):
         started = time.perf_counter()
         first_plan = unfreezer.plan is None
@@ -136,6 +154,8 @@ def _run(
                 f"unfreeze event at epoch {epoch} (step {state.step}): {', '.join(newly)} "
                 f"(+{added:,} parameters)"
             )
+        if newly or epoch == resumed_at:  # DDP over what is trainable now: first, and on growth
+            replicas.wrap()
         if newly:
             state.timeline.append(
                 {
@@ -153,6 +173,8 @@ def _run(
         finally:
             if bar is not None:
                 bar.close()
+        replicas.sync_buffers()
+        replicas.check_identical(epoch)
         val_loss, val_acc = evaluate(trial)
         test = _test_metrics(trial)
         monitored = val_acc if cfg.monitor == "val_acc" else val_loss
@@ -180,7 +202,7 @@ def _run(
             "amp_skipped_steps": train["amp_skipped"],
             "skipped_total": float(state.skipped_total),
             "amp_skipped_total": float(state.amp_skipped_total),
-            "peak_memory_mb": memory.peak_mb(trial.device),
+            "peak_memory_mb": replicas.max(memory.peak_mb(trial.device)),
             "trainable_params": float(status.trainable),
             "frozen_params": float(status.frozen),
             "trainable_ratio": status.trainable_ratio,
@@ -193,6 +215,7 @@ def _run(
             **{f"lr/{name}": lr for name, lr in unfreezer.freezer.lrs().items()},
             **moved,
             **monitor.metrics(),
+            **replicas.metrics(),
         }
         if trial.faults:
             trial.faults.after_epoch(epoch, metrics)
@@ -200,14 +223,17 @@ def _run(
         checkpoint = None
         if state.epoch % checkpoint_every == 0 or state.epoch == cfg.epochs:
             checkpoint = checkpoints.save(trial, monitor, state, out)
-        trialdir.append(out, metrics, status.unfrozen)
-        trialdir.write_csv(out)  # rewritten each epoch, so a failed trial still leaves its table
+        if lead:
+            trialdir.append(out, metrics, status.unfrozen)
+            trialdir.write_csv(out)  # rewritten each epoch: a failed trial still leaves its table
         log(_epoch_line(cfg, metrics))
         log(status.line(epoch))
         if report is not None:
             report(metrics, checkpoint)
+        final = metrics
 
-    final = trialdir.read_rows(out)[-1] if state.epoch > 0 else {}
+    if state.epoch > 0 and not final:  # resumed after its last epoch: read what it wrote
+        final = trialdir.read_rows(out)[-1] if lead else {}
     return Summary(
         state.epoch,
         state.step,
@@ -232,9 +258,10 @@ def _train_epoch(
     epoch's last step takes what is left)."""
     cfg, device = trial.cfg, trial.device
     params = [p for p in trial.model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)  # what DDP must all-reduce each step
     # The latest event's blocks, measured apart while its spike window is open.
     opened = _opened(trial, monitor.events[-1].blocks) if monitor.events else []
-    values = StepValues(cfg.max_nonfinite_steps, monitor, state, epoch, bar)
+    values = StepValues(cfg.max_nonfinite_steps, monitor, state, epoch, bar, trial.replicas)
     accumulate = cfg.optimizer.accumulate_steps
     total = len(trial.loaders.train)
     event_step = state.step
@@ -259,16 +286,21 @@ def _train_epoch(
                 first_after_event = unfroze and state.step == event_step
                 stage = len(monitor.events) if first_after_event else 0
                 inputs = trial.faults.before_step(epoch, state.step, stage, params, inputs)
-            batch_loss = backward(trial, inputs, labels, 1.0 / size)
+            last = position == size - 1
+            batch_loss = backward(trial, inputs, labels, 1.0 / size, synced=last)
             loss = batch_loss / size if position == 0 or loss is None else loss + batch_loss / size
-            outcome = optimizer_step(trial, loss, params, new) if position == size - 1 else None
+            if last:
+                trial.replicas.check_synced(trainable, epoch, state.step)
+            outcome = optimizer_step(trial, loss, params, new) if last else None
         except RuntimeError as exc:
             if trial.faults:
                 trial.faults.after_step()
             if _out_of_memory(exc):
                 raise _oom(exc, trial, monitor, epoch, state.step) from exc
             near_event = unfroze and state.step - event_step < cfg.signals.window_steps
-            if retried or not near_event:
+            # Ranks retrying alone would leave the others waiting in a collective: one process.
+            alone = not trial.replicas.ranks.distributed
+            if retried or not near_event or not alone:
                 raise TrialFailed("runtime_error", describe(exc), epoch, state.step) from exc
             # Newly unfrozen parameters may be non-contiguous views; one retry after fixing that.
             # The step starts again from this batch (what the failed backward left is dropped).
@@ -329,7 +361,7 @@ def evaluate(trial: Trial, split: str = "val") -> tuple[float, float]:
     assert loader is not None, f"the data has no {split} split"
     loss_sum = torch.zeros((), dtype=torch.float64, device=trial.device)
     correct = torch.zeros((), dtype=torch.int64, device=trial.device)
-    total = 0
+    total: float = 0
     with torch.no_grad():
         for inputs, labels in loading.batches(loader, 0):
             inputs = inputs.to(trial.device, non_blocking=True)
@@ -339,9 +371,11 @@ def evaluate(trial: Trial, split: str = "val") -> tuple[float, float]:
             loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
             correct += (logits.argmax(dim=1) == labels).sum()
             total += len(labels)
+    # Each rank evaluated its shard: the sums over all ranks, in one all-reduce and one read.
+    sums = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(total))])
+    summed, right, total = trial.replicas.sum(sums).tolist()
     if not total:
         return math.nan, math.nan
-    summed, right = torch.stack([loss_sum, correct.double()]).tolist()
     return summed / total, right / total
 
 

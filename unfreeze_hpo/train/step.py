@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from unfreeze_hpo.signals import SpikeMonitor
+from unfreeze_hpo.train.replicas import Replicas
 from unfreeze_hpo.train.trial import LoopState, Trial, TrialFailed
 
 # Steps between the loop's reads of its per-step values (loss, grad norm, skip flag) from the
@@ -72,14 +73,32 @@ class StepRead(NamedTuple):
 FIELDS = ("loss", "grad_norm", "skipped", "prior_norm", "new_norm", "scale")
 
 
-def read_outcomes(outcomes: Sequence[StepOutcome]) -> list[StepRead]:
-    """Each step's values, read from the device in one transfer."""
+def read_outcomes(
+    outcomes: Sequence[StepOutcome], replicas: Replicas | None = None
+) -> list[StepRead]:
+    """Each step's values, read from the device in one transfer; with the ``replicas`` of a
+    data-parallel trial, taken over all its ranks first (one all-reduce)."""
     columns = [torch.stack([getattr(o, name).float() for o in outcomes]) for name in FIELDS]
-    rows = torch.stack(columns, dim=1).tolist()
+    rows = torch.stack(columns, dim=1)
+    if replicas is not None and replicas.ranks.distributed:
+        rows = _across_ranks(rows, replicas)
     return [
         StepRead(loss, norm, SKIPPED[int(code)], prior, new, scale)
-        for loss, norm, code, prior, new, scale in rows
+        for loss, norm, code, prior, new, scale in rows.tolist()
     ]
+
+
+def _across_ranks(rows: torch.Tensor, replicas: Replicas) -> torch.Tensor:
+    """The steps' values over all ranks: the mean loss (non-finite if any rank's was, so one
+    rank's NaN counts), the norms and scale (the same on every rank: they are read after DDP's
+    all-reduce), and the first reason in ``SKIPPED`` order that any rank skipped for."""
+    code = FIELDS.index("skipped")
+    reasons = nn.functional.one_hot(rows[:, code].long(), len(SKIPPED)).float()
+    summed = replicas.sum(torch.cat([rows, reasons], dim=1))
+    values, counts = summed[:, : len(FIELDS)] / replicas.ranks.world_size, summed[:, len(FIELDS) :]
+    skipped = counts[:, 1:] > 0
+    values[:, code] = torch.where(skipped.any(dim=1), skipped.float().argmax(dim=1) + 1, 0)
+    return values
 
 
 def train_step(
@@ -90,18 +109,22 @@ def train_step(
 
 
 def backward(
-    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, weight: float
+    trial: Trial, inputs: torch.Tensor, labels: torch.Tensor, weight: float, synced: bool = True
 ) -> torch.Tensor:
     """Forward and backward of one batch, its loss weighted by ``weight`` (1 / the batches of
     the step); returns the unweighted loss, detached, on the device.
 
-    ``labels``: class indices, or soft targets (mixup), which carry their label smoothing."""
-    with autocast(trial):
-        logits = trial.model(inputs)
-    smoothing = trial.cfg.label_smoothing if labels.ndim == 1 else 0.0
-    loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-    # A non-finite loss backpropagates non-finite gradients, and the step is skipped on them.
-    trial.scaler.scale(loss * weight).backward()
+    ``labels``: class indices, or soft targets (mixup), which carry their label smoothing.
+    In a data-parallel trial the gradients are all-reduced across the ranks unless ``synced``
+    is False (a micro-batch of an accumulated step but its last)."""
+    with trial.replicas.sync(synced):
+        with autocast(trial):
+            logits = trial.replicas.module(inputs)
+        smoothing = trial.cfg.label_smoothing if labels.ndim == 1 else 0.0
+        loss = nn.functional.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
+        # A non-finite loss backpropagates non-finite gradients, and the step is skipped on
+        # them (on every rank: DDP's all-reduce spreads them).
+        trial.scaler.scale(loss * weight).backward()
     return loss.detach()
 
 
@@ -177,9 +200,16 @@ class StepValues:
     then fed to the spike monitor and the divergence check in step order."""
 
     def __init__(
-        self, max_nonfinite: int, monitor: SpikeMonitor, state: LoopState, epoch: int, bar: Any
+        self,
+        max_nonfinite: int,
+        monitor: SpikeMonitor,
+        state: LoopState,
+        epoch: int,
+        bar: Any,
+        replicas: Replicas | None = None,
     ) -> None:
         self.max_nonfinite, self.monitor, self.state = max_nonfinite, monitor, state
+        self.replicas = replicas
         self.epoch, self.bar = epoch, bar
         self.pending: list[StepOutcome] = []
         self.next_step = state.step  # global step of pending[0]
@@ -198,7 +228,7 @@ class StepValues:
             return
         pending, self.pending = self.pending, []
         state = self.state
-        for values in read_outcomes(pending):  # the one read of these steps
+        for values in read_outcomes(pending, self.replicas):  # the one read of these steps
             step, self.next_step = self.next_step, self.next_step + 1
             loss, norm, reason = values.loss, values.grad_norm, values.skipped
             # A step whose loss was already non-finite has no meaningful gradient norm.

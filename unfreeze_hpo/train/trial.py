@@ -22,6 +22,7 @@ from unfreeze_hpo.errors import ConfigError, Problem, UnfreezeHPOError
 from unfreeze_hpo.faults import Injector
 from unfreeze_hpo.freezing import Freezer
 from unfreeze_hpo.models import build, load_checkpoint, model_input, unwrap
+from unfreeze_hpo.train.replicas import Ranks, Replicas
 from unfreeze_hpo.unfreezer import Unfreezer
 
 Report = Callable[[dict[str, float], Path | None], None]
@@ -95,6 +96,7 @@ class Trial:
     datasets: data.Datasets
     loaders: Loaders
     steps_per_epoch: int  # optimizer steps
+    replicas: Replicas  # the ranks of a data-parallel trial, and what a step calls
     faults: Injector = field(default_factory=Injector)  # armed only by a faults: block
     mixup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -112,11 +114,18 @@ class Trial:
 
 
 def setup(
-    cfg: TrialConfig, log: Log = print, *, weights: Path | None = None, cpus: float | None = None
+    cfg: TrialConfig,
+    log: Log = print,
+    *,
+    weights: Path | None = None,
+    cpus: float | None = None,
+    ranks: Ranks | None = None,
 ) -> Trial:
-    """Data and its loaders, model (with its weights; see ``run`` for ``weights`` and
-    ``cpus``), blocks, optimizer and freezer for ``cfg``."""
-    device = resolve_device(cfg.device)
+    """Data and its loaders, model (with its weights; see ``run`` for ``weights``, ``cpus``
+    and ``ranks``), blocks, optimizer and freezer for ``cfg``."""
+    ranks = ranks or Ranks()
+    batch_size = per_rank_batch(cfg.batch_size, ranks)
+    device = resolve_device(cfg.device, ranks)
     classes = data.classes(cfg.data)
     num_classes = cfg.model.num_classes or len(classes)
     if num_classes != len(classes):
@@ -147,9 +156,10 @@ def setup(
         _grad_checkpointing(model, cfg.model.name)
     model.to(device)
     mixup = _mixup(cfg, num_classes)
-    samples = len(datasets.train)  # type: ignore[arg-type]
+    # This rank's shard of the training samples (all of them with one rank).
+    samples = math.ceil(len(datasets.train) / ranks.world_size)  # type: ignore[arg-type]
     # Mixup pairs samples within a batch, so a ragged last batch is dropped.
-    batches = samples // cfg.batch_size if mixup else math.ceil(samples / cfg.batch_size)
+    batches = samples // batch_size if mixup else math.ceil(samples / batch_size)
     steps_per_epoch = math.ceil(batches / cfg.optimizer.accumulate_steps)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -167,13 +177,15 @@ def setup(
     def loader(split: Dataset[Any], train: bool) -> DataLoader[Any]:
         return loading.loader(
             split,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size,
             seed=cfg.seed,
             shuffle=train,
             workers=workers,
             device=device,
             drop_last=train and mixup is not None,
             prefetch_factor=cfg.prefetch_factor,
+            rank=ranks.rank,
+            world_size=ranks.world_size,
         )
 
     test = None if datasets.test is None else loader(datasets.test, train=False)
@@ -187,8 +199,24 @@ def setup(
         datasets,
         loaders,
         steps_per_epoch,
+        Replicas(model, ranks, device),
         mixup=mixup,
     )
+
+
+def per_rank_batch(batch_size: int, ranks: Ranks) -> int:
+    """Each rank's part of the global ``batch_size``: a trial's batch means the same with any
+    number of workers, so a searched schedule does not change with the resources it ran on."""
+    if batch_size % ranks.world_size:
+        raise ConfigError(
+            Problem(
+                "batch_size",
+                batch_size,
+                f"is the global batch, split evenly over the trial's {ranks.world_size} workers",
+                f"use a multiple of {ranks.world_size}, or another --workers-per-trial",
+            )
+        )
+    return batch_size // ranks.world_size
 
 
 def _grad_checkpointing(model: nn.Module, name: str) -> None:
@@ -225,14 +253,20 @@ def _mixup(
     return mix
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, ranks: Ranks | None = None) -> torch.device:
+    """The device ``name`` means here; on CUDA a rank of a data-parallel trial takes the GPU
+    of its local rank among those it sees (one each, as Ray Train and torchrun assign them)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             Problem("device", name, "CUDA is not available here", "use device: auto or cpu")
         )
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and ranks is not None:
+        device = torch.device("cuda", ranks.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(seed: int) -> None:
