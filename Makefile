@@ -24,10 +24,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "full or not full"
 
-# Every benchmark in full, one after another on a quiet machine (~75 min on 2 cores); the figures
-# go to docs/benchmarks.md by hand, with the machine line each script prints.
+# Every benchmark in full, one after another on a quiet machine (over 2 hours on 2 cores); the
+# figures go to docs/benchmarks.md by hand, with the machine line each script prints.
 BENCHMARKS := worker_overhead frozen_savings orchestration pruning_replay search_quality \
-	embedded_transfer real_transfer loaders throughput
+	embedded_transfer real_transfer loaders throughput data_parallel
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do echo "== $$b"; $(PY) benchmarks/$$b.py || exit 1; done
 

@@ -7,7 +7,8 @@
   with their reason; none is left RUNNING; no Ray trial is recorded twice (across restores too);
 - each trial's reported epochs increase one by one from 1, and a complete trial ends at the
   configured number of epochs;
-- every checkpoint a trial left behind loads with ``weights_only=True``;
+- every checkpoint a trial left behind (a multi-worker trial's, in its Ray Train run) loads with
+  ``weights_only=True``;
 - the winner ``best`` and ``export`` use is the best complete trial with a finite metric;
 - with ``faults_log``, every injected fault fired once and left its mark on its trial's record: a
   killed worker a restart (and the trial failed only past ``max_failures``), a NaN or an OOM a
@@ -25,7 +26,7 @@ import torch
 
 from unfreeze_hpo import faults, results
 from unfreeze_hpo.results import listing
-from unfreeze_hpo.trialdir import CHECKPOINT
+from unfreeze_hpo.trialdir import CHECKPOINT, RUNS
 
 State = optuna.trial.TrialState
 TERMINAL = {State.COMPLETE, State.PRUNED, State.FAIL}
@@ -48,7 +49,7 @@ def assert_nothing_lost(
         broken.append(f"a Ray trial recorded twice: {sorted(ids)}")
     for t in trials:
         broken += _trial_problems(t, search.base.epochs)
-    broken += _checkpoint_problems(Path(search.folder) / "ray")
+    broken += _checkpoint_problems(Path(search.folder))
     broken += _winner_problems(search, trials)
     if faults_log is not None:
         broken += _fault_problems(faults.read_log(faults_log), trials, max_failures)
@@ -72,9 +73,13 @@ def _trial_problems(t: optuna.trial.FrozenTrial, epochs: int) -> list[str]:
     return out
 
 
-def _checkpoint_problems(ray_folder: Path) -> list[str]:
+def _checkpoint_problems(folder: Path) -> list[str]:
+    """Every checkpoint of the search: one-worker trials' in their Tune trial folders under
+    ``ray/``, multi-worker trials' in their Ray Train runs under ``train/``."""
     out = []
-    for path in sorted(ray_folder.glob(f"*/checkpoint_*/{CHECKPOINT}")):
+    found = [*folder.glob(f"ray/*/checkpoint_*/{CHECKPOINT}")]
+    found += folder.glob(f"{RUNS}/*/checkpoint_*/{CHECKPOINT}")
+    for path in sorted(found):
         try:
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # any reason it cannot be loaded is a loss

@@ -363,6 +363,19 @@ def test_block_counts_beyond_the_model_are_refused(
     the_problem(lines, "strategy.phases[0]: asks for 6 blocks but the model has 5")
 
 
+def test_a_batch_the_workers_of_a_trial_cannot_split_is_refused_before_anything_is_written(
+    capsys: pytest.CaptureFixture[str], cwd: Path
+) -> None:
+    base = write(cwd / "base.yaml", TINY_BASE)  # batch_size 16
+    space = "strategy: full\n"
+    _, lines = search_refuses(capsys, cwd, space, "--base", str(base), "--workers-per-trial", "3")
+    the_problem(
+        lines,
+        "batch_size: is the global batch, split evenly over --workers-per-trial 3 workers (got 16)",
+        "use a multiple of 3, or another --workers-per-trial",
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Hostile files: tags, alias bombs, size, nesting
 

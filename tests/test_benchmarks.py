@@ -95,6 +95,17 @@ def test_throughput_quick(tmp_path: Path) -> None:
     assert figures["workers=1 ours/bare"]["median"] > 0
 
 
+@pytest.mark.full
+def test_data_parallel_quick(tmp_path: Path) -> None:
+    """Two-rank runs (torch.multiprocessing, gloo): under full, as make test has its one."""
+    figures = run_quick("data_parallel.py", tmp_path)["figures"]
+    arms = ("1 worker, 2 threads", "2 workers, 1 thread each", "1 worker, 1 thread")
+    assert all(figures[arm]["median"] > 0 for arm in arms)
+    assert figures["ratio_2_workers_to_1"] > 0
+    # Two unfreeze events, each re-wrapping DDP in a measured time.
+    assert len(figures["rewrap_seconds"]) == 2 and all(s > 0 for s in figures["rewrap_seconds"])
+
+
 # The GPU check as the lent machine runs it: nothing but torch, torchvision, timm and our code.
 WITHOUT_CLUSTER_PACKAGES = (
     "import runpy, sys\n"
@@ -158,3 +169,5 @@ def test_the_gpu_check_dry_run_writes_its_table(tmp_path: Path) -> None:
     for arm in arms:
         assert f"| {arm} |" in table, table
     assert "two processes together" in table
+    # Two ranks on the one device: the loop's audits passed across both unfreeze events.
+    assert "data-parallel, 2 ranks on one device over gloo, 2 unfreeze events" in table

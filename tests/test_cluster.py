@@ -418,3 +418,29 @@ def test_fractional_gpus_pack_trials_onto_one_gpu() -> None:
     assert "2 trial(s) fit at once" in line and "fewer than --max-concurrent 4" in line
     packed = check_resources(dataclasses.replace(cfg, gpus_per_trial=0.25), nodes)
     assert "4 trial(s) fit at once" in packed and "fewer" not in packed
+
+
+def test_a_trial_of_several_workers_needs_that_many_workers_at_once() -> None:
+    nodes = [{"CPU": 2.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 2.0}]
+    cfg = SearchConfig(workers_per_trial=2, cpus_per_worker=1, gpus_per_worker=1, max_concurrent=2)
+    line = check_resources(cfg, nodes)  # 3 one-GPU workers in all: one trial of 2 at a time
+    assert "1 trial(s) fit at once (2 workers of 1 CPU and 1 GPU each)" in line
+    assert "fewer than --max-concurrent 2" in line
+    with pytest.raises(ConfigError) as caught:
+        check_resources(dataclasses.replace(cfg, workers_per_trial=4), nodes)
+    (problem,) = caught.value.problems
+    assert problem.field == "workers_per_trial" and problem.value == 4
+    assert "holds 3 workers of 1 CPU and 1 GPU at once, fewer than one trial's 4" in problem.message
+    assert "--workers-per-trial 3 or fewer" in problem.fix
+    # A worker no node can hold names the per-worker option that asked for it.
+    with pytest.raises(ConfigError) as caught:
+        check_resources(dataclasses.replace(cfg, gpus_per_worker=4), nodes)
+    (problem,) = caught.value.problems
+    assert problem.field == "gpus_per_worker"
+    assert "no node of the cluster fits one worker of a trial" in problem.message
+
+
+def test_per_worker_resources_default_to_the_per_trial_ones() -> None:
+    assert SearchConfig(cpus_per_trial=3, gpus_per_trial=0.5).worker_resources == (3, 0.5)
+    both = SearchConfig(cpus_per_trial=3, cpus_per_worker=2, gpus_per_worker=1)
+    assert both.worker_resources == (2, 1)

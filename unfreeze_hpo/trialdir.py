@@ -22,6 +22,9 @@ LOG = "train.log"  # the trial's log lines
 CARRIED = (CHECKPOINT, METRICS, LOG)
 # What a fresh run in a used folder removes.
 STALE = (CHECKPOINT, PREVIOUS, METRICS, METRICS_CSV)
+# The search folder's subfolder of Ray Train runs, one per multi-worker trial, named after its
+# Ray trial id: <search>/train/<trial id>/checkpoint_<epoch>/ holds what CARRIED names.
+RUNS = "train"
 
 # An unfreeze event: {"epoch": e, "n_trainable": n}, and "blocks" (the block names it opened,
 # input -> output) where the trial folder names them.
@@ -51,19 +54,22 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
     return rows(path.read_text()) if path.exists() else []
 
 
-def find_rows(search_folder: Path, trial_dir: str) -> list[dict[str, Any]]:
+def find_rows(search_folder: Path, trial_dir: str, trial_id: str = "") -> list[dict[str, Any]]:
     """The longest per-epoch record of a trial of the search in ``search_folder``: its work
-    folder's or its latest Ray checkpoint's ``metrics.jsonl`` ([] when none survives).
+    folder's or its latest Ray checkpoint's ``metrics.jsonl`` ([] when none survives); for a
+    multi-worker trial (``trial_id``), its Ray Train run's latest checkpoint's.
 
     The recorded ``trial_dir`` may be Ray's session staging folder (gone after a reboot) or a path
     on another machine, so the same trial folder name is also looked up under ``<search>/ray``.
     """
-    if not trial_dir:
-        return []
-    dirs = [Path(trial_dir), Path(search_folder) / "ray" / Path(trial_dir).name]
+    dirs = (
+        [Path(trial_dir), Path(search_folder) / "ray" / Path(trial_dir).name] if trial_dir else []
+    )
     files = [d / "work" / METRICS for d in dirs]
+    if trial_id:
+        dirs.append(Path(search_folder) / RUNS / trial_id)
     files += [max(d.glob(f"checkpoint_*/{METRICS}"), default=d / "-") for d in dirs]
-    return max((_read(f) for f in files), key=len)
+    return max((_read(f) for f in files), key=len, default=[])
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

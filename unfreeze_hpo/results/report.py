@@ -79,7 +79,12 @@ def read_trials(study: optuna.Study, search_folder: Path) -> list[TrialRecord]:
 def _record(trial: optuna.trial.FrozenTrial, folder: Path) -> TrialRecord:
     attrs = trial.user_attrs
     config = attrs.get("config") or {}
-    rows = [_numbers(r) for r in trialdir.find_rows(folder, str(attrs.get("trial_dir") or ""))]
+    rows = [
+        _numbers(r)
+        for r in trialdir.find_rows(
+            folder, str(attrs.get("trial_dir") or ""), str(attrs.get("ray_trial_id") or "")
+        )
+    ]
     # Studies written before the timeline was recorded: rebuilt from the rows.
     events = attrs.get("timeline") or trialdir.timeline(rows)
     timeline = [(int(e["epoch"]), int(e["n_trainable"])) for e in events]

@@ -32,6 +32,7 @@ from unfreeze_hpo.search.inputs import check_inputs, check_storage, load_inputs,
 from unfreeze_hpo.search.options import SearchConfig
 from unfreeze_hpo.search.progress import ProgressPrinter
 from unfreeze_hpo.search.pruning import make_scheduler
+from unfreeze_hpo.search.ray_train import DRIVER_RESOURCES, Workers, run_trial_on_workers
 from unfreeze_hpo.search.recorder import StudyRecorder
 from unfreeze_hpo.search.searcher import Points, Searcher
 from unfreeze_hpo.search.space import SearchSpace
@@ -111,18 +112,25 @@ def run_search(cfg: SearchConfig, log: Log = print) -> SearchOutcome:
 
 
 def _trainable(cfg: SearchConfig, base: TrialConfig, space: SearchSpace) -> Any:
-    return tune.with_resources(
-        tune.with_parameters(
-            run_trial,
-            base=base.to_dict(),
-            space=space,
-            objective=cfg.goal,
-            threads=max(1, int(cfg.cpus_per_trial)),
-            checkpoint_every=cfg.checkpoint_every,
-            weights_cache=cfg.weights_cache,
-        ),
-        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial},
-    )
+    cpus, gpus = cfg.worker_resources
+    shared = {
+        "base": base.to_dict(),
+        "space": space,
+        "objective": cfg.goal,
+        "checkpoint_every": cfg.checkpoint_every,
+        "weights_cache": cfg.weights_cache,
+    }
+    if cfg.workers_per_trial > 1:  # a Ray Train run per trial, which reserves its workers
+        run = tune.with_parameters(
+            run_trial_on_workers,
+            **shared,
+            workers=Workers(cfg.workers_per_trial, cpus, gpus),
+            search=cfg.location,
+            checkpoints_kept=cfg.checkpoints_kept,
+        )
+        return tune.with_resources(run, DRIVER_RESOURCES)
+    run = tune.with_parameters(run_trial, **shared, threads=max(1, int(cpus)))
+    return tune.with_resources(run, {"cpu": cpus, "gpu": gpus})
 
 
 def _reseed(
@@ -160,7 +168,7 @@ def _reseed(
                 search_alg=Points(points, cfg.goal.key, cfg.mode),
                 num_samples=len(points),
                 max_concurrent_trials=cfg.max_concurrent,
-                reuse_actors=True,
+                reuse_actors=cfg.workers_per_trial == 1,
             ),
             run_config=tune.RunConfig(
                 name=seeds.EXPERIMENT,
@@ -177,6 +185,7 @@ def _reseed(
                         space,
                         FIFOScheduler(),
                         epochs=base.epochs,
+                        search=cfg.location,
                     ),
                     ProgressPrinter(cfg.goal.key, len(points), None),
                 ],
@@ -235,7 +244,7 @@ def _new_tuner(
         epochs=base.epochs,
     )
     recorder = StudyRecorder(
-        cfg.study_url, cfg.name, cfg.goal, space, scheduler, epochs=base.epochs
+        cfg.study_url, cfg.name, cfg.goal, space, scheduler, epochs=base.epochs, search=cfg.location
     )
     return tune.Tuner(
         trainable,
@@ -247,7 +256,8 @@ def _new_tuner(
             num_samples=cfg.num_trials,
             max_concurrent_trials=cfg.max_concurrent,
             time_budget_s=cfg.time_budget_s,
-            reuse_actors=True,
+            # A multi-worker trial's Tune actor goes with the trial, and its run's workers too.
+            reuse_actors=cfg.workers_per_trial == 1,
         ),
         run_config=tune.RunConfig(
             name="ray",
@@ -285,8 +295,7 @@ def _preflight(cfg: SearchConfig, base: TrialConfig, log: Log) -> None:
     log("preflight: overfitting 16 training samples before any trial ...")
     ran = tasks.preflight(
         base.replace(model=dataclasses.replace(base.model, pretrain_on_source=False)),
-        cfg.cpus_per_trial,
-        cfg.gpus_per_trial,
+        *cfg.worker_resources,  # one worker's: the check runs in one process
         cfg.weights_cache,
     )
     log(f"preflight: ran in Ray worker pid {ran.pid} on node {ran.node_id[:12]}")
@@ -343,34 +352,53 @@ def _alive_nodes() -> dict[str, dict[str, float]]:
 
 
 def _fits(cfg: SearchConfig, node: dict[str, float]) -> int:
-    """How many trials the node (Ray resources) holds at once."""
-    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    """How many workers of a trial (for one-worker trials: trials) the node holds at once."""
+    cpus, gpus = cfg.worker_resources
+    need = {"CPU": cpus, "GPU": gpus}
     return math.floor(min(node.get(k, 0.0) / v for k, v in need.items() if v > 0) + 1e-9)
 
 
 def check_resources(cfg: SearchConfig, nodes: list[dict[str, float]]) -> str:
     """How many trials the cluster's ``nodes`` (Ray resource dicts) fit at once, as a line to
-    print; a ConfigError when no node fits one, since such trials would wait forever."""
-    need = {"CPU": cfg.cpus_per_trial, "GPU": cfg.gpus_per_trial}
+    print; a ConfigError when the cluster cannot hold one trial (with ``--workers-per-trial``
+    N, N workers across its nodes), since such trials would wait forever."""
+    cpus, gpus = cfg.worker_resources
     fits = [_fits(cfg, node) for node in nodes]
-    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in need}
+    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in ("CPU", "GPU")}
     have = f"{len(nodes)} node(s) with {total['CPU']:g} CPUs and {total['GPU']:g} GPUs in all"
+    per_node = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+    workers = cfg.workers_per_trial
+    unit = "trial" if workers == 1 else "worker of a trial"
     if not any(fits):
-        per_node = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
         most_gpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
-        field = "gpus_per_trial" if cfg.gpus_per_trial > most_gpus else "cpus_per_trial"
-        value = getattr(cfg, field)
+        kind = "gpus" if gpus > most_gpus else "cpus"
+        given = getattr(cfg, f"{kind}_per_worker") is not None
+        field = f"{kind}_per_worker" if given else f"{kind}_per_trial"
         why = (
-            f"no node of the cluster fits one trial ({cfg.cpus_per_trial:g} CPU, "
-            f"{cfg.gpus_per_trial:g} GPU): {have} ({per_node})"
+            f"no node of the cluster fits one {unit} ({cpus:g} CPU, {gpus:g} GPU): {have} "
+            f"({per_node})"
         )
         fix = (
-            "lower --cpus-per-trial / --gpus-per-trial, connect to a cluster with such nodes "
-            "(--address), or pass --no-resource-check if an autoscaler adds them on demand"
+            "lower --cpus-per-trial / --gpus-per-trial (--cpus-per-worker / --gpus-per-worker), "
+            "connect to a cluster with such nodes (--address), or pass --no-resource-check if "
+            "an autoscaler adds them on demand"
         )
-        raise ConfigError(Problem(field, value, why, fix))
-    at_once = sum(fits)
+        raise ConfigError(Problem(field, getattr(cfg, field), why, fix))
+    if sum(fits) < workers:
+        why = (
+            f"the cluster holds {sum(fits)} workers of {cpus:g} CPU and {gpus:g} GPU at once, "
+            f"fewer than one trial's {workers}: {have} ({per_node})"
+        )
+        fix = (
+            f"use --workers-per-trial {sum(fits)} or fewer, give each worker less "
+            "(--cpus-per-worker, --gpus-per-worker), or pass --no-resource-check if an "
+            "autoscaler adds nodes on demand"
+        )
+        raise ConfigError(Problem("workers_per_trial", workers, why, fix))
+    at_once = sum(fits) // workers
     line = f"cluster: {have}; {at_once} trial(s) fit at once"
+    if workers > 1:
+        line += f" ({workers} workers of {cpus:g} CPU and {gpus:g} GPU each)"
     if at_once < cfg.max_concurrent:
         line += f" (fewer than --max-concurrent {cfg.max_concurrent})"
     return line

@@ -45,12 +45,22 @@ def load_inputs(cfg: SearchConfig) -> tuple[TrialConfig, SearchSpace]:
 def check_inputs(cfg: SearchConfig | None, base: TrialConfig, space: SearchSpace) -> list[Problem]:
     """What ``search`` and ``submit`` check once the files load: the space names no more blocks
     than the base model has, and (with ``cfg``, whose storage must be readable) a resumed search
-    keeps the space it started with."""
+    keeps the space it started with, and the base's batch splits over a trial's workers."""
     problems = []
     if (count := base.model.n_blocks()) is not None:
         problems += space.check_blocks(count)
     if cfg is not None:
         problems += changed_space(cfg, space)
+        if base.batch_size % cfg.workers_per_trial:  # the global batch, split over the workers
+            problems.append(
+                Problem(
+                    "batch_size",
+                    base.batch_size,
+                    f"is the global batch, split evenly over --workers-per-trial "
+                    f"{cfg.workers_per_trial} workers",
+                    f"use a multiple of {cfg.workers_per_trial}, or another --workers-per-trial",
+                )
+            )
     return problems
 
 

@@ -55,8 +55,23 @@ class SearchConfig:
     num_trials: int = param(32, ge=1, help="trials to run")
     time_budget_s: float | None = param(None, gt=0, help="stop starting trials after this")
     max_concurrent: int = param(2, ge=1, help="trials running at once")
-    cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial")
-    gpus_per_trial: float = param(0.0, ge=0, help="GPUs per trial; fractions share a GPU")
+    cpus_per_trial: float = param(1.0, gt=0, help="CPUs reserved per trial (per worker)")
+    gpus_per_trial: float = param(
+        0.0, ge=0, help="GPUs per trial (per worker); fractions share a GPU"
+    )
+    workers_per_trial: int = param(
+        1,
+        ge=1,
+        help="Ray Train workers per trial: N > 1 trains each trial data-parallel (DDP) on N "
+        "workers, each with --cpus-per-worker and --gpus-per-worker, batch_size being the "
+        "global batch",
+    )
+    cpus_per_worker: float | None = param(
+        None, gt=0, help="CPUs of each worker of a trial; default --cpus-per-trial"
+    )
+    gpus_per_worker: float | None = param(
+        None, ge=0, help="GPUs of each worker of a trial; default --gpus-per-trial"
+    )
     metric: str = param(
         "val_acc", choices=SEARCH_METRICS, help="the per-epoch metric the objective is made of"
     )
@@ -112,6 +127,13 @@ class SearchConfig:
         help="experiment trackers for every trial, any of tensorboard,mlflow,wandb "
         "(local and offline, under the search folder)",
     )
+
+    @property
+    def worker_resources(self) -> tuple[float, float]:
+        """CPUs and GPUs of each worker of a trial (a one-worker trial's are the trial's)."""
+        cpus = self.cpus_per_trial if self.cpus_per_worker is None else self.cpus_per_worker
+        gpus = self.gpus_per_trial if self.gpus_per_worker is None else self.gpus_per_worker
+        return cpus, gpus
 
     @property
     def goal(self) -> Objective:

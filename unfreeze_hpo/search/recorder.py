@@ -19,6 +19,7 @@ from ray import tune
 
 from unfreeze_hpo import storage, trialdir
 from unfreeze_hpo.errors import UnfreezeHPOError, describe
+from unfreeze_hpo.search import ray_train
 from unfreeze_hpo.search.objective import Objective
 from unfreeze_hpo.search.space import SearchSpace
 
@@ -54,8 +55,10 @@ class StudyRecorder(tune.Callback):
         *,
         epochs: int = 0,
         retry_s: float | None = None,
+        search: str | None = None,
     ) -> None:
         self.url, self.name, self.objective = url, name, objective
+        self.search = search  # the search folder: multi-worker trials' checkpoints are there
         self.metric, self.mode = objective.key, objective.mode  # what the trials report
         self.space, self.scheduler, self.epochs = space, scheduler, epochs
         self.retry_s = RECORD_RETRY_S if retry_s is None else retry_s
@@ -85,6 +88,7 @@ class StudyRecorder(tune.Callback):
         self.__dict__.setdefault("_next_try", 0.0)
         self.__dict__.setdefault("epochs", 0)
         self.__dict__.setdefault("retry_s", RECORD_RETRY_S)
+        self.__dict__.setdefault("search", None)
         # A snapshot from before the objective: its study's value was the reported metric.
         self.__dict__.setdefault("objective", Objective(self.metric, "final", mode=self.mode))
 
@@ -221,7 +225,7 @@ class StudyRecorder(tune.Callback):
             return  # already written before a driver restart
         # The latest checkpoint carries every epoch's metrics: after a driver restart it is the
         # only record of the epochs reported before the kill (the in-memory curve starts later).
-        text = checkpointed_text(trial)
+        text = checkpointed_text(trial, self.search)
         history = sorted(trialdir.rows(text), key=lambda r: r["epoch"]) if text else []
         curve = {
             **self.objective.curve(history),
@@ -300,25 +304,30 @@ def _database_errors() -> tuple[type[BaseException], ...]:
 DATABASE_ERRORS = _database_errors()
 
 
-def checkpointed_history(trial: Any) -> list[dict[str, Any]]:
+def checkpointed_history(trial: Any, search: str | None = None) -> list[dict[str, Any]]:
     """The per-epoch metrics in the trial's latest Ray checkpoint, oldest first ([] if none)."""
-    return sorted(trialdir.rows(checkpointed_text(trial)), key=lambda r: r["epoch"])
+    return sorted(trialdir.rows(checkpointed_text(trial, search)), key=lambda r: r["epoch"])
 
 
-def checkpointed_text(trial: Any) -> str:
-    """The ``metrics.jsonl`` of the trial's latest Ray checkpoint ("" if none).
+def checkpointed_text(trial: Any, search: str | None = None) -> str:
+    """The ``metrics.jsonl`` of the trial's latest Ray checkpoint ("" if none): its Tune
+    checkpoint's, or for a multi-worker trial (which has none) that of the latest checkpoint
+    of its Ray Train run, found under ``search``, the search folder (``ray_train``).
 
     Read through the checkpoint's own filesystem, so object storage works as a local folder does;
     an unreadable file is an empty history, never an error in Tune's event loop.
     """
     checkpoint = getattr(trial, "checkpoint", None)
-    if checkpoint is None:
-        return ""
     try:
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{trialdir.METRICS}") as f:
-            return str(f.read().decode())
+        if checkpoint is not None:
+            path = f"{checkpoint.path}/{trialdir.METRICS}"
+            with checkpoint.filesystem.open_input_stream(path) as f:
+                return str(f.read().decode())
+        if search is not None and (latest := ray_train.latest_checkpoint(search, trial.trial_id)):
+            return storage.read_text(storage.join(latest, trialdir.METRICS)) or ""
     except Exception:
         return ""
+    return ""
 
 
 def _curve_from(trial: Any, metric: str) -> dict[int, float]:

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +50,58 @@ def run_trial(
     """Train the trial ``config`` (as sampled by OptunaSearch) on top of ``base``."""
     torch.set_num_threads(max(1, threads))
     hub.use_cache(weights_cache)
-    node = ray.get_runtime_context().get_node_id()  # which cluster node ran it, for the record
     context = tune.get_context()
     # Scratch space on this node, outside the folder Tune copies to storage_path with each
     # experiment snapshot: the checkpoints reach storage through tune.report only.
-    folder = _trial_folder(context)
+    folder = trial_folder(context)
     work = folder / "work"
-    sampled = {k: v for k, v in config.items() if k != seeds.RESEED_OF}  # a re-run's bookkeeping
-    cfg = space.trial_config(from_dict(base), sampled).replace(output_dir=str(work))
+    cfg = sampled_config(config, base, space, work)
     failed_file = folder / FAILED
-    if failed_file.is_file():
-        raise train.TrialFailed(**json.loads(failed_file.read_text()))
-    resume = _restore_checkpoint(work)
-    log_file = (work / trialdir.LOG).open("a")
+    raise_if_failed(failed_file)
+    resume = restore_checkpoint(work, tune.get_checkpoint())
+
+    def send(metrics: dict[str, Any], staged: Path | None) -> None:
+        checkpoint = None if staged is None else tune.Checkpoint.from_directory(staged)
+        tune.report(metrics, checkpoint=checkpoint)
+
+    with (work / trialdir.LOG).open("a") as log_file:
+        try:
+            train.run(
+                cfg,
+                reporter(work, objective, send),
+                resume=resume,
+                log=lambda line: print(line, file=log_file, flush=True),
+                trial_id=context.get_trial_id(),
+                checkpoint_every=checkpoint_every,
+                cpus=threads,  # the trial's CPUs: its loader workers are these minus one
+                weights=embedded.weights_for(cfg, log=lambda line: print(line, file=log_file)),
+            )
+        except train.TrialFailed as failed:
+            record_failure(failed_file, failed)
+            raise
+
+
+# Tune's or Ray Train's report of one epoch: its metrics, and a folder holding the checkpoint's
+# files on checkpoint epochs (None on the others), gone once it returns.
+Send = Callable[[dict[str, Any], Path | None], None]
+
+
+def sampled_config(
+    config: Mapping[str, Any], base: Mapping[str, Any], space: SearchSpace, work: Path
+) -> TrialConfig:
+    """The TrialConfig of a sampled ``config``, training into ``work``."""
+    sampled = {k: v for k, v in config.items() if k != seeds.RESEED_OF}  # a re-run's bookkeeping
+    return space.trial_config(from_dict(base), sampled).replace(output_dir=str(work))
+
+
+def reporter(work: Path, objective: Objective, send: Send) -> train.Report:
+    """``train.run``'s report for a trial training into ``work``: each epoch's metrics with the
+    objective as it stands after it (over every epoch the folder holds, a resumed trial's too:
+    its metrics.jsonl came back with the checkpoint), the node, and on checkpoint epochs the
+    trial's files staged in a folder, passed to ``send``."""
+    node = ray.get_runtime_context().get_node_id()  # which cluster node ran it, for the record
 
     def report(metrics: dict[str, float], checkpoint: Path | None) -> None:
-        # The objective as it stands after this epoch, over every epoch the trial folder holds
-        # (a resumed trial's too: its metrics.jsonl came back with the checkpoint).
         history = [row.get(objective.metric, math.nan) for row in trialdir.read_rows(work)]
         metrics = {**metrics, objective.key: objective.value(history)}
         if not math.isfinite(metrics[objective.key]):
@@ -78,39 +113,32 @@ def run_trial(
                 int(metrics["step"]),
             )
         if checkpoint is None:  # an epoch between checkpoints
-            tune.report({**metrics, "node_id": node})
+            send({**metrics, "node_id": node}, None)
             return
-        # tune.report copies the checkpoint to storage before it returns (the session's
-        # persist_current_checkpoint), so links to the files, gone when it returns, suffice.
-        # Staged outside the trial folder: Tune syncs that folder, and a staging folder that
-        # vanishes mid-sync fails the experiment snapshot.
+        # The report copies the checkpoint to storage before it returns (Tune's
+        # persist_current_checkpoint, Ray Train's synchronous upload), so links to the files,
+        # gone when it returns, suffice. Staged outside the trial folder: Tune syncs that folder,
+        # and a staging folder that vanishes mid-sync fails the experiment snapshot.
         with tempfile.TemporaryDirectory(prefix="unfreeze-hpo-report-") as staged:
             for name in CARRIED:
                 _link(work / name, Path(staged) / name)
-            tune.report(
-                {**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(staged)
-            )
+            send({**metrics, "node_id": node}, Path(staged))
 
-    try:
-        train.run(
-            cfg,
-            report,
-            resume=resume,
-            log=lambda line: print(line, file=log_file, flush=True),
-            trial_id=context.get_trial_id(),
-            checkpoint_every=checkpoint_every,
-            cpus=threads,  # the trial's CPUs: its loader workers are these minus one
-            weights=embedded.weights_for(cfg, log=lambda line: print(line, file=log_file)),
-        )
-    except train.TrialFailed as failed:
-        record = {k: getattr(failed, k) for k in ("reason", "detail", "epoch", "step")}
-        failed_file.write_text(json.dumps(record))
-        raise
-    finally:
-        log_file.close()
+    return report
 
 
-def _trial_folder(context: Any) -> Path:
+def raise_if_failed(failed_file: Path) -> None:
+    """An earlier attempt of this trial failed for a reason of its own: fail again, at once."""
+    if failed_file.is_file():
+        raise train.TrialFailed(**json.loads(failed_file.read_text()))
+
+
+def record_failure(failed_file: Path, failed: train.TrialFailed) -> None:
+    record = {k: getattr(failed, k) for k in ("reason", "detail", "epoch", "step")}
+    failed_file.write_text(json.dumps(record))
+
+
+def trial_folder(context: Any) -> Path:
     """A folder of the trial's that every attempt on this node sees and Tune does not upload:
     the working directory Ray moves each trial into (``get_trial_dir`` names the driver's
     staging folder, synced to storage, and may name another folder after a retry)."""
@@ -128,10 +156,10 @@ def _link(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _restore_checkpoint(work: Path) -> bool:
-    """Copy the trial's last Ray checkpoint into its work folder; True if there was one."""
+def restore_checkpoint(work: Path, checkpoint: Any) -> bool:
+    """Copy a trial's last Ray checkpoint (Tune's or Ray Train's) into its work folder; True if
+    there was one."""
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return False
     with checkpoint.as_directory() as folder:
